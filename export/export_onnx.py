@@ -1,0 +1,109 @@
+"""Export the shipped weights to ONNX (pinned opset, dynamic spatial axes) and verify it against PyTorch.
+
+    python -m export.export_onnx [--out model_repository/ct_segmenter/1/model.onnx] [--tolerance 1e-3]
+
+Verification runs PyTorch and ONNX Runtime on the same preprocessed phantom volume, prints the
+largest absolute logit difference and the label agreement, and fails past the tolerance, leaving
+no model behind. On success it writes provenance.json beside the model.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+from medseg.errors import ArtifactError
+from medseg.network import load_network, sha256_of, weights_info
+from medseg.provenance import FILENAME
+from medseg.spec import MODEL_REPOSITORY, SPEC
+
+DEFAULT_OUT = MODEL_REPOSITORY / SPEC.segmenter.name / str(SPEC.segmenter.version) / "model.onnx"
+VERIFY_SEED = 4242  # a phantom outside the training and validation seeds
+MIN_AGREEMENT = 0.999  # fraction of voxels whose argmax label must match
+
+
+def export(path: Path) -> None:
+    """Write the ONNX graph of the shipped network: (1, 1, Z, Y, X) -> (1, C, Z, Y, X), Z/Y/X dynamic."""
+    import torch
+
+    model = load_network()
+    (image,) = SPEC.segmenter.inputs
+    (logits,) = SPEC.segmenter.outputs
+    d = SPEC.network.size_divisor
+    dummy = torch.zeros(1, SPEC.network.in_channels, 2 * d, 2 * d, 2 * d)
+    axes = {0: "batch", 2: "z", 3: "y", 4: "x"}
+    torch.onnx.export(
+        model, (dummy,), str(path), input_names=[image.name], output_names=[logits.name],
+        dynamic_axes={image.name: axes, logits.name: axes}, opset_version=SPEC.network.onnx_opset, dynamo=False,
+    )
+
+
+def verify(path: Path, tolerance: float) -> dict[str, float]:
+    """Compare ONNX Runtime with PyTorch on a phantom; raise ArtifactError past ``tolerance``."""
+    import onnx
+    import torch
+
+    from medseg.dali_pipeline import CpuPreprocessor
+    from medseg.inference import OnnxSegmenter
+    from medseg.phantom import generate
+
+    onnx.checker.check_model(str(path))
+    ph = generate(VERIFY_SEED, num_slices=80)
+    image, _ = CpuPreprocessor()(ph.ct, np.asarray(ph.spacing, np.float32))
+    with torch.inference_mode():
+        ref = load_network()(torch.from_numpy(image[None])).numpy()[0]
+    got = OnnxSegmenter(path).run(image[None])[0]
+    diff = float(np.abs(ref - got).max())
+    scale = max(1.0, float(np.abs(ref).max()))
+    agree = float((ref.argmax(0) == got.argmax(0)).mean())
+    print(f"ONNX Runtime vs PyTorch on phantom {VERIFY_SEED} {image.shape[1:]}: max |logit diff| = {diff:.2e} "
+          f"({diff / scale:.1e} of the largest logit {scale:.2f}; tolerance {tolerance:.0e}), "
+          f"label agreement {agree:.6f} (minimum {MIN_AGREEMENT})")
+    if not diff <= tolerance * scale:
+        raise ArtifactError(f"ONNX logits differ from PyTorch's by {diff:.3e}, over {tolerance:.0e} x {scale:.2f}")
+    if not agree >= MIN_AGREEMENT:
+        raise ArtifactError(f"ONNX labels agree with PyTorch's on {agree:.6f} of voxels, below {MIN_AGREEMENT}")
+    return {"max_abs_logit_diff": diff, "largest_logit": scale, "label_agreement": agree}
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--out", type=Path, default=DEFAULT_OUT)
+    ap.add_argument("--tolerance", type=float, default=1e-3, help="max |logit diff| relative to the largest logit")
+    args = ap.parse_args(argv)
+    t0 = time.time()
+    try:
+        info = weights_info()
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryDirectory(dir=args.out.parent) as tmp:
+            staged = Path(tmp) / args.out.name
+            export(staged)
+            check = verify(staged, args.tolerance)
+            staged.replace(args.out)
+    except ArtifactError as e:
+        print(f"export failed: {e}", file=sys.stderr)
+        return 1
+    record = {
+        "ensemble": SPEC.ensemble.name,
+        "model": SPEC.segmenter.name,
+        "version": SPEC.segmenter.version,
+        "spec_version": SPEC.version,
+        "weights_sha256": info.sha256,
+        "onnx_sha256": sha256_of(args.out),
+        "onnx_opset": SPEC.network.onnx_opset,
+        "val_dice": info.manifest.get("val_dice"),
+        "export_check": check,
+    }
+    (args.out.parent / FILENAME).write_text(json.dumps(record, indent=2) + "\n")
+    print(f"wrote {args.out} and {FILENAME} in {time.time() - t0:.1f} s")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

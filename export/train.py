@@ -1,0 +1,168 @@
+"""Train the demo segmenter (MONAI 3-D UNet, Dice + CE, patch sampling) on phantoms and ship its weights.
+
+    python -m export.train [--epochs N] [--iters-per-epoch N] [--out export/weights]
+
+Validation Dice is computed every epoch on held-out phantoms run whole-volume, exactly as served;
+the best checkpoint is kept, stored as fp16, and described by a manifest (seeds, recipe, epochs,
+validation Dice, sha256). The same command with the same arguments reproduces the weights up to
+floating-point nondeterminism of the CPU kernels.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import platform
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from export.data import PHANTOM_RECIPE, load_cases
+from medseg.network import MANIFEST_FILE, WEIGHTS_FILE, build_network, sha256_of
+from medseg.spec import SPEC, padded_shape
+
+TRAIN_SEEDS = list(range(1000, 1032))
+VAL_SEEDS = list(range(2000, 2003))
+PATCH = (96, 96, 96)
+
+
+def dice(pred: np.ndarray, truth: np.ndarray) -> float:
+    """Dice of two boolean masks; 1.0 when both are empty."""
+    inter = np.logical_and(pred, truth).sum()
+    total = pred.sum() + truth.sum()
+    return 1.0 if total == 0 else float(2 * inter / total)
+
+
+def predict_volume(model: Any, image: np.ndarray) -> np.ndarray:
+    """Labels (Z, Y, X) of an unpadded (1, Z, Y, X) image, run whole-volume as served."""
+    import torch
+
+    grid = image.shape[1:]
+    target = padded_shape(grid)  # type: ignore[arg-type]
+    padded = np.zeros((1, 1, *target), np.float32)
+    padded[0, :, : grid[0], : grid[1], : grid[2]] = image
+    with torch.inference_mode():
+        logits = model(torch.from_numpy(padded))[0]
+    return logits[:, : grid[0], : grid[1], : grid[2]].argmax(0).numpy().astype(np.uint8)
+
+
+def validate(model: Any, cases: list[tuple[np.ndarray, np.ndarray]]) -> dict[str, float]:
+    """Mean Dice of the whole liver (labels 1+2) and of the tumors (label 2) over ``cases``."""
+    liver, tumor = [], []
+    model.eval()
+    for image, labels in cases:
+        pred = predict_volume(model, image)
+        truth = labels[0]
+        liver.append(dice(pred > 0, truth > 0))
+        tumor.append(dice(pred == 2, truth == 2))
+    return {"liver": float(np.mean(liver)), "tumor": float(np.mean(tumor))}
+
+
+def train(epochs: int, iters_per_epoch: int, out: Path, seed: int, lr: float) -> dict[str, Any]:
+    """Run the training and write weights + manifest to ``out``; returns the manifest."""
+    import torch
+    from monai.losses import DiceCELoss
+    from monai.transforms import Compose, RandCropByLabelClassesd, RandScaleIntensityd, RandShiftIntensityd, SpatialPadd
+    from monai.utils import set_determinism
+    from tqdm import tqdm
+
+    set_determinism(seed)
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    amp = device.type == "cuda"
+    train_cases = load_cases(TRAIN_SEEDS, "training phantoms")
+    val_cases = load_cases(VAL_SEEDS, "validation phantoms")
+    sample = Compose([
+        SpatialPadd(keys=("image", "label"), spatial_size=PATCH),
+        RandCropByLabelClassesd(keys=("image", "label"), label_key="label", spatial_size=PATCH,
+                                ratios=[1, 2, 3], num_classes=SPEC.num_classes, num_samples=2),
+        RandScaleIntensityd(keys="image", factors=0.1, prob=0.5),
+        RandShiftIntensityd(keys="image", offsets=0.05, prob=0.5),
+    ])
+    model = build_network().to(device)
+    loss_fn = DiceCELoss(to_onehot_y=True, softmax=True)
+    opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=1e-5)
+    total = epochs * iters_per_epoch
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda i: 0.5 * (1 + math.cos(math.pi * min(i, total) / total)))
+    scaler = torch.amp.GradScaler(enabled=amp)
+    rng = np.random.default_rng(seed)
+    best: dict[str, Any] = {"score": -1.0}
+    history = []
+    t0 = time.time()
+    for epoch in range(1, epochs + 1):
+        model.train()
+        losses = []
+        bar = tqdm(range(iters_per_epoch), desc=f"epoch {epoch}/{epochs}", unit="it", leave=False)
+        for _ in bar:
+            image, labels = train_cases[int(rng.integers(len(train_cases)))]
+            patches = sample({"image": image, "label": labels})
+            x = torch.stack([torch.as_tensor(np.asarray(p["image"])) for p in patches]).to(device)
+            y = torch.stack([torch.as_tensor(np.asarray(p["label"])) for p in patches]).to(device).long()
+            opt.zero_grad(set_to_none=True)
+            with torch.autocast(device.type, enabled=amp):
+                loss = loss_fn(model(x), y)
+            scaler.scale(loss).backward()
+            scaler.step(opt)
+            scaler.update()
+            sched.step()
+            losses.append(float(loss))
+            bar.set_postfix(loss=f"{np.mean(losses[-10:]):.3f}")
+        model.cpu()
+        scores = validate(model, val_cases)
+        model.to(device)
+        score = (scores["liver"] + scores["tumor"]) / 2
+        history.append({"epoch": epoch, "loss": float(np.mean(losses)), **scores})
+        marker = ""
+        if score > best["score"]:
+            best = {"score": score, "epoch": epoch, "dice": scores,
+                    "state": {k: v.detach().cpu().half().clone() for k, v in model.state_dict().items()}}
+            marker = " *best*"
+        print(f"epoch {epoch:3d}  loss {np.mean(losses):.4f}  val Dice liver {scores['liver']:.4f} "
+              f"tumor {scores['tumor']:.4f}  ({time.time() - t0:.0f}s){marker}", flush=True)
+    out.mkdir(parents=True, exist_ok=True)
+    weights = out / WEIGHTS_FILE.name
+    torch.save(best["state"], weights)
+    manifest = {
+        "model": SPEC.segmenter.name,
+        "spec_version": SPEC.version,
+        "network": {"type": "monai.networks.nets.UNet", "channels": list(SPEC.network.channels),
+                    "strides": list(SPEC.network.strides), "num_res_units": SPEC.network.num_res_units},
+        "storage": "float16 state_dict",
+        "sha256": sha256_of(weights),
+        "seed": seed,
+        "data_recipe": {"generator": PHANTOM_RECIPE, "train_seeds": [TRAIN_SEEDS[0], TRAIN_SEEDS[-1]],
+                        "val_seeds": [VAL_SEEDS[0], VAL_SEEDS[-1]], "patch": list(PATCH),
+                        "preprocessing": "medseg.dali_pipeline.ct_preprocess (DALI, CPU)"},
+        "epochs": epochs,
+        "iters_per_epoch": iters_per_epoch,
+        "best_epoch": best["epoch"],
+        "val_dice": best["dice"],
+        "history": history,
+        "trained_on": f"{platform.machine()} {device.type}, torch {torch.__version__}",
+        "train_seconds": round(time.time() - t0, 1),
+        "command": f"python -m export.train --epochs {epochs} --iters-per-epoch {iters_per_epoch} --seed {seed} --lr {lr}",
+    }
+    (out / MANIFEST_FILE.name).write_text(json.dumps(manifest, indent=2) + "\n")
+    return manifest
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--epochs", type=int, default=20)
+    ap.add_argument("--iters-per-epoch", type=int, default=60)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--lr", type=float, default=2e-3)
+    ap.add_argument("--out", type=Path, default=WEIGHTS_FILE.parent)
+    args = ap.parse_args()
+    import torch
+
+    torch.set_num_threads(max(1, torch.get_num_threads()))
+    m = train(args.epochs, args.iters_per_epoch, args.out, args.seed, args.lr)
+    print(f"best epoch {m['best_epoch']}: val Dice liver {m['val_dice']['liver']:.4f} tumor {m['val_dice']['tumor']:.4f}")
+    print(f"wrote {args.out / WEIGHTS_FILE.name} (sha256 {m['sha256'][:16]}...) and {MANIFEST_FILE.name}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,211 @@
+"""The embedded Triton Inference Server: the real ``tritonserver`` shipped inside the nvidia-pytriton wheel.
+
+It runs on a CPU-only machine with the python backend and ensembles; ``--model-config-name`` picks
+the flavor (``cpu`` here). Readiness is polled on ``/v2/health/ready``, never waited for by a fixed sleep.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import sysconfig
+import tempfile
+import time
+import urllib.error
+import urllib.request
+from collections import deque
+from dataclasses import dataclass, field
+from pathlib import Path
+from threading import Thread
+from types import TracebackType
+
+from medseg.errors import ServerError
+from medseg.spec import MODEL_REPOSITORY, REPO_ROOT
+
+BACKENDS_DIR = REPO_ROOT / ".triton_backends"
+SHM_BYTES = 64 * 1024 * 1024  # python backend shared memory: start and growth step
+
+
+def _site_packages() -> Path:
+    return Path(sysconfig.get_paths()["purelib"])
+
+
+def tritonserver_binary() -> tuple[Path, Path]:
+    """(binary, library dir) of the tritonserver inside the nvidia-pytriton wheel."""
+    site = _site_packages()
+    binary = site / "pytriton" / "tritonserver" / "bin" / "tritonserver"
+    libs = site / "nvidia_pytriton.libs"
+    if not binary.exists():
+        raise ServerError(f"tritonserver not found at {binary}: install the nvidia-pytriton wheel (`make venv`)")
+    return binary, libs
+
+
+def python_backend_dir() -> Path:
+    """A backend directory holding the python backend with the stub for this Python version."""
+    site = _site_packages() / "pytriton" / "tritonserver"
+    version = f"{sys.version_info.major}.{sys.version_info.minor}"
+    stub = site / "python_backend_stubs" / version / "triton_python_backend_stub"
+    if not stub.exists():
+        raise ServerError(f"no python backend stub for Python {version} in {stub.parent.parent}")
+    target = BACKENDS_DIR / "python"
+    marker = target / ".source"
+    source = f"{site}:{version}"
+    if not (marker.exists() and marker.read_text() == source):
+        if target.exists():
+            shutil.rmtree(target)
+        shutil.copytree(site / "backends" / "python", target, ignore=shutil.ignore_patterns("__pycache__"))
+        shutil.copy2(stub, target / "triton_python_backend_stub")
+        marker.write_text(source)
+    return BACKENDS_DIR
+
+
+def free_port() -> int:
+    """A TCP port on loopback that nothing listens on right now."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+@dataclass
+class ServerOptions:
+    """How to start the server; ports of 0 are chosen free at start."""
+
+    flavor: str = "cpu"
+    grpc_port: int = 8001
+    http_port: int = 8000
+    metrics_port: int = 8002
+    address: str = "127.0.0.1"
+    model_repository: Path = MODEL_REPOSITORY
+    log_verbose: int = 0
+    extra_args: list[str] = field(default_factory=list)
+
+
+class EmbeddedServer:
+    """Start, wait for and stop the real tritonserver; a context manager."""
+
+    def __init__(self, options: ServerOptions | None = None, log_file: Path | None = None) -> None:
+        self.options = options or ServerOptions()
+        for name in ("grpc_port", "http_port", "metrics_port"):
+            if getattr(self.options, name) == 0:
+                setattr(self.options, name, free_port())
+        self.log_file = log_file
+        self._proc: subprocess.Popen[bytes] | None = None
+        self._tail: deque[str] = deque(maxlen=60)
+        self._log_handle = None
+
+    @property
+    def grpc_url(self) -> str:
+        return f"{self.options.address}:{self.options.grpc_port}"
+
+    @property
+    def http_url(self) -> str:
+        return f"http://{self.options.address}:{self.options.http_port}"
+
+    def command(self) -> list[str]:
+        """The tritonserver command line."""
+        o = self.options
+        binary, _ = tritonserver_binary()
+        args = [
+            str(binary),
+            f"--model-repository={o.model_repository}",
+            f"--backend-directory={python_backend_dir()}",
+            f"--grpc-address={o.address}",
+            f"--grpc-port={o.grpc_port}",
+            f"--http-address={o.address}",
+            f"--http-port={o.http_port}",
+            f"--metrics-port={o.metrics_port}",
+            "--model-control-mode=none",
+            "--strict-readiness=true",
+            "--exit-on-error=true",
+            "--disable-auto-complete-config",
+            f"--log-verbose={o.log_verbose}",
+            f"--backend-config=python,shm-default-byte-size={SHM_BYTES}",
+            f"--backend-config=python,shm-growth-byte-size={SHM_BYTES}",
+            "--exit-timeout-secs=10",
+        ]
+        if o.flavor != "gpu":
+            args.append(f"--model-config-name={o.flavor}")
+        return args + o.extra_args
+
+    def environment(self) -> dict[str, str]:
+        """The server's environment: its libraries, and this interpreter's bin first so stubs import medseg."""
+        _, libs = tritonserver_binary()
+        env = dict(os.environ)
+        env["LD_LIBRARY_PATH"] = os.pathsep.join(p for p in (str(libs), env.get("LD_LIBRARY_PATH", "")) if p)
+        env["PATH"] = os.pathsep.join((str(Path(sys.executable).parent), env.get("PATH", "")))
+        env.setdefault("OMP_NUM_THREADS", str(os.cpu_count() or 1))
+        return env
+
+    def start(self, timeout_s: float = 180.0) -> EmbeddedServer:
+        """Start the server and return once it reports ready; raise ServerError with its log otherwise."""
+        if self.log_file is not None:
+            self._log_handle = open(self.log_file, "w")  # noqa: SIM115 - closed in stop()
+        self._proc = subprocess.Popen(
+            self.command(), env=self.environment(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+        Thread(target=self._pump, daemon=True).start()
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            if self._proc.poll() is not None:
+                raise ServerError(f"tritonserver exited with code {self._proc.returncode} while starting:\n"
+                                  + "".join(self._tail))
+            if self.ready():
+                return self
+            time.sleep(0.1)
+        self.stop()
+        raise ServerError(f"tritonserver was not ready after {timeout_s:.0f} s:\n" + "".join(self._tail))
+
+    def _pump(self) -> None:
+        assert self._proc is not None and self._proc.stdout is not None
+        for raw in self._proc.stdout:
+            line = raw.decode("utf-8", "replace")
+            self._tail.append(line)
+            if self._log_handle is not None:
+                self._log_handle.write(line)
+                self._log_handle.flush()
+
+    def ready(self) -> bool:
+        """True once ``/v2/health/ready`` answers 200 (every model loaded)."""
+        try:
+            with urllib.request.urlopen(self.http_url + "/v2/health/ready", timeout=1.0) as r:
+                return bool(r.status == 200)
+        except (urllib.error.URLError, ConnectionError, TimeoutError, OSError):
+            return False
+
+    def log_tail(self) -> str:
+        return "".join(self._tail)
+
+    def wait(self) -> int:
+        """Block until the server exits; returns its exit code."""
+        assert self._proc is not None
+        return self._proc.wait()
+
+    def stop(self, timeout_s: float = 20.0) -> None:
+        """SIGTERM, then SIGKILL after ``timeout_s``; safe to call twice."""
+        proc, self._proc = self._proc, None
+        if proc is not None and proc.poll() is None:
+            proc.send_signal(signal.SIGTERM)
+            try:
+                proc.wait(timeout_s)
+            except subprocess.TimeoutExpired:
+                os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait()
+        if self._log_handle is not None:
+            self._log_handle.close()
+            self._log_handle = None
+
+    def __enter__(self) -> EmbeddedServer:
+        return self.start() if self._proc is None else self
+
+    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None) -> None:
+        self.stop()
+
+
+def scratch_dir() -> Path:
+    """A private temporary directory for server logs."""
+    return Path(tempfile.mkdtemp(prefix="medseg-server-"))
