@@ -21,19 +21,13 @@ from typing import Any
 import numpy as np
 
 from export.data import PHANTOM_RECIPE, load_cases
+from medseg.metrics import dice
 from medseg.network import MANIFEST_FILE, WEIGHTS_FILE, build_network, sha256_of
 from medseg.spec import SPEC, padded_shape
 
 TRAIN_SEEDS = list(range(1000, 1032))
 VAL_SEEDS = list(range(2000, 2003))
 PATCH = (96, 96, 96)
-
-
-def dice(pred: np.ndarray, truth: np.ndarray) -> float:
-    """Dice of two boolean masks; 1.0 when both are empty."""
-    inter = np.logical_and(pred, truth).sum()
-    total = pred.sum() + truth.sum()
-    return 1.0 if total == 0 else float(2 * inter / total)
 
 
 def predict_volume(model: Any, image: np.ndarray) -> np.ndarray:

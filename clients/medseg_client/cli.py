@@ -1,0 +1,135 @@
+"""The ``medseg`` command: phantom, serve, segment, demo.
+
+A refused input or an unreachable server prints one line and exits 2; a traceback means a bug.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import signal
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from medseg.errors import MedsegError
+from medseg.spec import SPEC
+
+
+def cmd_phantom(args: argparse.Namespace) -> int:
+    from medseg.phantom import generate
+    from medseg.studies import write_phantom
+
+    ph = generate(args.seed, num_slices=args.slices)
+    paths = write_phantom(ph, args.out, args.format)
+    print(f"phantom seed {args.seed}: {ph.ct.shape[2]}x{ph.ct.shape[1]}x{ph.ct.shape[0]} voxels, spacing "
+          f"{ph.spacing[2]:.3f}x{ph.spacing[1]:.3f}x{ph.spacing[0]:.3f} mm, {len(ph.tumors)} tumor(s) -> {args.out}"
+          f" ({len(paths)} files)")
+    return 0
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    from medseg.server import EmbeddedServer, ServerOptions
+
+    if args.flavor == "cuda":
+        raise MedsegError("the cuda flavor is not built yet (issue 4); use --flavor cpu")
+    server = EmbeddedServer(ServerOptions(flavor=args.flavor, grpc_port=args.grpc_port, http_port=args.http_port,
+                                          metrics_port=args.metrics_port, address=args.address))
+    stop = {"signal": 0}
+
+    def handler(signum: int, _frame: Any) -> None:
+        stop["signal"] = signum
+        server.stop()
+
+    signal.signal(signal.SIGTERM, handler)
+    signal.signal(signal.SIGINT, handler)
+    t0 = time.monotonic()
+    server.start()
+    print(f"medseg serving {SPEC.ensemble.name} ({args.flavor} flavor): gRPC {server.grpc_url}, "
+          f"HTTP {server.http_url}, ready in {time.monotonic() - t0:.1f} s; Ctrl-C stops", flush=True)
+    code = server.wait() if not stop["signal"] else 0
+    print("medseg server stopped", flush=True)
+    return 0 if stop["signal"] else code
+
+
+def cmd_segment(args: argparse.Namespace) -> int:
+    from medseg_client.segment import segment_to_dir
+
+    doc = segment_to_dir(args.url, args.input, args.out, args.model_name, args.timeout)
+    print(summary(doc))
+    print(f"wrote {args.out}/labels.nii.gz and findings.json")
+    return 0
+
+
+def summary(doc: dict[str, Any]) -> str:
+    """A few human lines of a findings document."""
+    f = doc["findings"]
+    lines = [f"liver: {'found' if f['liver']['found'] else 'NOT found'}, {f['liver']['volume_ml']:.0f} mL; "
+             f"{len(f['tumors'])} tumor(s), burden {f['tumor_burden_ml']:.2f} mL"]
+    for t in f["tumors"]:
+        lines.append(f"  tumor {t['id']}: {t['volume_ml']:.2f} mL, longest axial diameter "
+                     f"{t['longest_axial_diameter_mm']:.1f} mm, mean {t['mean_hu']:.0f} HU, "
+                     f"centre (LPS) {', '.join(f'{v:.1f}' for v in t['centroid_lps_mm'])} mm")
+    lines.append("timings: " + ", ".join(f"{k} {v:.2f}" for k, v in doc["timings_s"].items()))
+    return "\n".join(lines)
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from medseg_client.demo import run_demo
+
+    return run_demo(args.out, args.seed)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(prog="medseg", description="CT liver and liver-tumor segmentation on Triton")
+    sub = ap.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("phantom", help="write a synthetic abdominal CT study with its ground truth")
+    p.add_argument("--seed", type=int, required=True)
+    p.add_argument("--out", type=Path, required=True)
+    p.add_argument("--format", choices=("dicom", "nifti"), default="dicom")
+    p.add_argument("--slices", type=int, default=None, help="override the number of slices")
+    p.set_defaults(func=cmd_phantom)
+
+    p = sub.add_parser("serve", help="run the embedded Triton server on model_repository/")
+    p.add_argument("--flavor", choices=("cpu", "cuda"), default="cpu")
+    p.add_argument("--address", default="127.0.0.1")
+    p.add_argument("--grpc-port", type=int, default=8001)
+    p.add_argument("--http-port", type=int, default=8000)
+    p.add_argument("--metrics-port", type=int, default=8002)
+    p.set_defaults(func=cmd_serve)
+
+    p = sub.add_parser("segment", help="segment a DICOM series folder or a NIfTI file through the server")
+    p.add_argument("-u", "--url", default="localhost:8001", help="gRPC HOST:PORT of the server")
+    p.add_argument("-m", "--model-name", default=SPEC.ensemble.name)
+    p.add_argument("--timeout", type=float, default=300.0, help="seconds for the request")
+    p.add_argument("input", type=Path)
+    p.add_argument("--out", type=Path, required=True)
+    p.set_defaults(func=cmd_segment)
+
+    p = sub.add_parser("demo", help="serve, segment an unseen phantom, compare with its ground truth, stop")
+    p.add_argument("--out", type=Path, default=Path("demo_out"))
+    p.add_argument("--seed", type=int, default=5001)
+    p.set_defaults(func=cmd_demo)
+    return ap
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return int(args.func(args))
+    except MedsegError as e:
+        print(f"medseg {args.command}: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"medseg {args.command}: interrupted", file=sys.stderr)
+        return 130
+
+
+def json_dump(obj: Any) -> str:
+    return json.dumps(obj, indent=2)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

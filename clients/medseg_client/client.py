@@ -1,0 +1,152 @@
+"""A thin, typed gRPC client of the medseg ensemble (on ``tritonclient.grpc``).
+
+    with SegmentationClient("localhost:8001") as client:
+        client.wait_until_ready(timeout_s=60)
+        result = client.segment(ct_zyx_int16, spacing_zyx_mm)
+
+The study is checked against the spec before it is sent, the model's metadata against the spec
+before the first request; transport errors come back as medseg's own exceptions.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass, field
+from types import TracebackType
+from typing import Any
+
+import numpy as np
+
+from medseg.errors import MedsegError, ServerError, StudyError
+from medseg.spec import SPEC, ModelIO
+from medseg.validate import check_study
+
+
+class ModelMismatchError(MedsegError):
+    """The server's model does not have the inputs and outputs the spec says it has."""
+
+
+@dataclass
+class SegmentationResult:
+    """Labels on the study's grid, the server's findings, and where the time went."""
+
+    labels: np.ndarray
+    findings: dict[str, Any]
+    timings_s: dict[str, float] = field(default_factory=dict)
+
+
+def _raise_from(e: Exception, what: str) -> None:
+    from tritonclient.utils import InferenceServerException
+
+    if isinstance(e, InferenceServerException):
+        status = str(e.status() or "")
+        message = e.message() or str(e)
+        if "INVALID_ARGUMENT" in status:
+            raise StudyError(f"{what}: the server refused the study: {message}") from e
+        if "UNAVAILABLE" in status or "DEADLINE" in status:
+            raise ServerError(f"{what}: server unavailable ({status}): {message}") from e
+        raise ServerError(f"{what}: {status} {message}".strip()) from e
+    raise e
+
+
+class SegmentationClient:
+    """gRPC client of the ensemble; a context manager that closes its channel."""
+
+    def __init__(self, url: str, model_name: str = SPEC.ensemble.name, timeout_s: float = 300.0) -> None:
+        import tritonclient.grpc as grpcclient
+
+        self.url = url
+        self.model_name = model_name
+        self.timeout_s = timeout_s
+        self._grpc = grpcclient
+        self._client = grpcclient.InferenceServerClient(url=url)
+        self._checked = False
+
+    def wait_until_ready(self, timeout_s: float = 60.0) -> None:
+        """Poll until the server and the ensemble are ready; ServerError after ``timeout_s``."""
+        deadline = time.monotonic() + timeout_s
+        last = ""
+        while time.monotonic() < deadline:
+            try:
+                if self._client.is_server_ready() and self._client.is_model_ready(self.model_name):
+                    return
+                last = "not ready"
+            except Exception as e:
+                last = type(e).__name__
+            time.sleep(0.2)
+        raise ServerError(f"{self.url}: model {self.model_name} not ready after {timeout_s:.0f} s ({last})")
+
+    def check_model(self, expected: ModelIO = SPEC.ensemble) -> dict[str, Any]:
+        """Compare the served model's inputs and outputs with the spec; return its metadata."""
+        try:
+            meta = self._client.get_model_metadata(self.model_name, as_json=True)
+        except Exception as e:
+            _raise_from(e, f"{self.url}: model metadata")
+        for kind, tensors in (("inputs", expected.inputs), ("outputs", expected.outputs)):
+            served = {t["name"]: (t["datatype"], [int(d) for d in t["shape"]]) for t in meta.get(kind, [])}
+            for t in tensors:
+                want_dtype = "BYTES" if t.dtype == "STRING" else t.dtype
+                got = served.get(t.name)
+                want = (want_dtype, [-1, *t.dims])
+                if got != want:
+                    raise ModelMismatchError(f"{self.model_name} {kind[:-1]} {t.name}: expected {want}, server has {got}")
+        self._checked = True
+        return dict(meta)
+
+    def segment(self, ct: np.ndarray, spacing: tuple[float, float, float]) -> SegmentationResult:
+        """Segment one (z, y, x) int16 HU volume with its (z, y, x) spacing in mm."""
+        check_study(ct.shape, ct.dtype, spacing)
+        if not self._checked:
+            self.check_model()
+        g = self._grpc
+        ct_in, sp_in = SPEC.ensemble.inputs
+        inputs = [g.InferInput(ct_in.name, [1, *ct.shape], ct_in.dtype),
+                  g.InferInput(sp_in.name, [1, 3], sp_in.dtype)]
+        inputs[0].set_data_from_numpy(np.ascontiguousarray(ct, dtype=np.int16)[None])
+        inputs[1].set_data_from_numpy(np.asarray(spacing, np.float32).reshape(1, 3))
+        outputs = [g.InferRequestedOutput(t.name) for t in SPEC.ensemble.outputs]
+        before = self._model_stats()
+        t0 = time.perf_counter()
+        try:
+            response = self._client.infer(self.model_name, inputs, outputs=outputs, client_timeout=self.timeout_s)
+        except Exception as e:
+            _raise_from(e, f"{self.url}: segmenting")
+        elapsed = time.perf_counter() - t0
+        labels_t, findings_t = SPEC.ensemble.outputs
+        labels = response.as_numpy(labels_t.name)[0]
+        if labels.shape != ct.shape:
+            raise ServerError(f"server returned labels of shape {labels.shape} for a study of shape {ct.shape}")
+        findings = json.loads(response.as_numpy(findings_t.name).reshape(-1)[0])
+        timings = {"request_s": round(elapsed, 3)}
+        timings.update(self._stage_times(before, self._model_stats()))
+        return SegmentationResult(labels, findings, timings)
+
+    def _model_stats(self) -> dict[str, int]:
+        """Cumulative compute nanoseconds of each composing model (from Triton's statistics)."""
+        try:
+            stats = self._client.get_inference_statistics(as_json=True)
+        except Exception:
+            return {}
+        out = {}
+        for m in stats.get("model_stats", []):
+            s = m.get("inference_stats", {})
+            ns = sum(int(s.get(k, {}).get("ns", 0)) for k in ("compute_input", "compute_infer", "compute_output"))
+            out[m["name"]] = ns + int(s.get("queue", {}).get("ns", 0))
+        return out
+
+    @staticmethod
+    def _stage_times(before: dict[str, int], after: dict[str, int]) -> dict[str, float]:
+        names = {SPEC.preprocess.name: "preprocess_s", SPEC.segmenter.name: "segmenter_s",
+                 SPEC.postprocess.name: "postprocess_s"}
+        return {label: round((after.get(m, 0) - before.get(m, 0)) / 1e9, 3)
+                for m, label in names.items() if m in after and m in before}
+
+    def close(self) -> None:
+        self._client.close()
+
+    def __enter__(self) -> SegmentationClient:
+        return self
+
+    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None) -> None:
+        self.close()

@@ -1,0 +1,59 @@
+"""``medseg segment``: read a study, segment it through the server, write the outputs all or nothing."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+from medseg.studies import Study, read_study, save_nifti
+from medseg_client.client import SegmentationClient
+
+LABELS_FILE = "labels.nii.gz"
+FINDINGS_FILE = "findings.json"
+
+
+def findings_document(study: Study, source: Path, result_findings: dict[str, Any], timings: dict[str, float]) -> dict[str, Any]:
+    """The findings.json record: provenance, the study's geometry, findings with patient coordinates, timings."""
+    findings = dict(result_findings)
+    model = findings.pop("model", {})
+    for tumor in findings.get("tumors", []):
+        tumor["centroid_lps_mm"] = study.lps_mm(tumor["centroid_voxel_zyx"])
+    return {
+        "model": model,
+        "input": {"name": source.name, "format": study.source, "shape_zyx": list(study.ct.shape),
+                  "spacing_zyx_mm": [round(s, 4) for s in study.spacing]},
+        "findings": findings,
+        "timings_s": timings,
+    }
+
+
+def segment_to_dir(url: str, source: Path, out: Path, model_name: str, timeout_s: float) -> dict[str, Any]:
+    """Segment ``source`` (DICOM folder or NIfTI) and write labels.nii.gz and findings.json into ``out``.
+
+    Outputs are staged in a temporary folder beside ``out`` and moved in only when all are written.
+    """
+    t0 = time.perf_counter()
+    study = read_study(source)
+    t_read = time.perf_counter() - t0
+    with SegmentationClient(url, model_name=model_name, timeout_s=timeout_s) as client:
+        result = client.segment(study.ct, study.spacing)
+    t1 = time.perf_counter()
+    out.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=".medseg-", dir=out.parent))
+    try:
+        save_nifti(study.to_native(result.labels), study.native_affine_ras, staging / LABELS_FILE)
+        timings = {"read_study_s": round(t_read, 3), **result.timings_s,
+                   "write_outputs_s": round(time.perf_counter() - t1, 3)}
+        timings["total_s"] = round(time.perf_counter() - t0, 3)
+        doc = findings_document(study, source, result.findings, timings)
+        (staging / FINDINGS_FILE).write_text(json.dumps(doc, indent=2) + "\n")
+        out.mkdir(parents=True, exist_ok=True)
+        for f in staging.iterdir():
+            f.replace(out / f.name)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return doc

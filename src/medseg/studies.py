@@ -1,0 +1,255 @@
+"""Reading and writing studies: NIfTI files and CT DICOM series, on the model's canonical grid.
+
+A study is held as an int16 HU volume on the canonical grid: array axes (z, y, x) with x towards the
+patient's left, y posterior, z superior (LPS), as the model was trained. ``Study.to_native`` maps a
+label volume back to the input file's own voxel order, so outputs share the input's grid and affine.
+Error messages name files and geometry, never patient identifiers.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from medseg.errors import StudyError
+
+HU_MIN, HU_MAX = -1024, 3071
+CT_IMAGE_STORAGE = "1.2.840.10008.5.1.4.1.1.2"
+_LPS = ("L", "P", "S")
+_RAS_FROM_LPS = np.diag([-1.0, -1.0, 1.0, 1.0])
+
+
+@dataclass
+class Study:
+    """A CT volume on the canonical (z, y, x) LPS grid and how to map results back to its source."""
+
+    ct: np.ndarray  # int16 (z, y, x)
+    spacing: tuple[float, float, float]  # (z, y, x) mm
+    affine_lps: np.ndarray  # 4x4: canonical (x, y, z) index -> LPS mm
+    native_affine_ras: np.ndarray  # 4x4: the source's (i, j, k) index -> RAS mm (NIfTI convention)
+    ornt: np.ndarray  # nibabel orientation transform from native (i, j, k) to canonical (x, y, z)
+    source: str  # "nifti" or "dicom"
+    dicom_files: list[Path] = field(default_factory=list)  # sorted source slices (DICOM input)
+
+    def to_native(self, labels_zyx: np.ndarray) -> np.ndarray:
+        """A (z, y, x) canonical label volume in the source's (i, j, k) voxel order."""
+        from nibabel.orientations import apply_orientation
+
+        if labels_zyx.shape != self.ct.shape:
+            raise StudyError(f"labels have shape {labels_zyx.shape}, the study {self.ct.shape}")
+        inverse = np.empty_like(self.ornt)
+        for native_axis, (canon_axis, flip) in enumerate(self.ornt):
+            inverse[int(canon_axis)] = (native_axis, flip)
+        return np.ascontiguousarray(apply_orientation(labels_zyx.transpose(2, 1, 0), inverse))
+
+    def lps_mm(self, voxel_zyx: list[float]) -> list[float]:
+        """Patient (LPS) coordinates in mm of a canonical (z, y, x) voxel position."""
+        p = self.affine_lps @ np.array([voxel_zyx[2], voxel_zyx[1], voxel_zyx[0], 1.0])
+        return [round(float(v), 2) for v in p[:3]]
+
+
+def _canonical(native: np.ndarray, affine_ras: np.ndarray, source: str, files: list[Path] | None = None) -> Study:
+    """Reorient a native (i, j, k) volume with its RAS affine onto the canonical LPS grid."""
+    import nibabel as nib
+    from nibabel.orientations import apply_orientation, axcodes2ornt, inv_ornt_aff, io_orientation, ornt_transform
+
+    ornt = ornt_transform(io_orientation(affine_ras), axcodes2ornt(_LPS))
+    canon_xyz = apply_orientation(native, ornt)
+    affine_canon_ras = affine_ras @ inv_ornt_aff(ornt, native.shape)
+    zooms = nib.affines.voxel_sizes(affine_canon_ras)
+    spacing = (float(zooms[2]), float(zooms[1]), float(zooms[0]))
+    ct = np.ascontiguousarray(canon_xyz.transpose(2, 1, 0))
+    return Study(ct, spacing, _RAS_FROM_LPS @ affine_canon_ras, affine_ras, ornt, source, files or [])
+
+
+def _to_hu_int16(data: np.ndarray, what: str) -> np.ndarray:
+    if not np.issubdtype(data.dtype, np.number):
+        raise StudyError(f"{what}: voxel data must be numeric, got {data.dtype}")
+    if np.issubdtype(data.dtype, np.floating):
+        if not np.isfinite(data).all():
+            raise StudyError(f"{what}: voxel data contains NaN or infinite values")
+        data = np.rint(data)
+    return np.clip(data, HU_MIN, HU_MAX).astype(np.int16)
+
+
+def read_nifti(path: Path) -> Study:
+    """A CT NIfTI file (3-D, HU after scl_slope/inter) on the canonical grid."""
+    import nibabel as nib
+
+    try:
+        img = nib.load(str(path))
+        data = np.asanyarray(img.dataobj)
+    except Exception as e:  # nibabel raises many types for broken files
+        raise StudyError(f"{path.name}: not a readable NIfTI file ({type(e).__name__}: {e})") from e
+    if data.ndim == 4 and data.shape[3] == 1:
+        data = data[..., 0]
+    if data.ndim != 3:
+        raise StudyError(f"{path.name}: expected a 3-D CT volume, got {data.ndim}-D data of shape {data.shape}")
+    affine = img.affine
+    if affine is None or not np.isfinite(affine).all() or abs(np.linalg.det(affine[:3, :3])) < 1e-9:
+        raise StudyError(f"{path.name}: the NIfTI affine is missing or singular")
+    return _canonical(_to_hu_int16(data, path.name), np.asarray(affine, np.float64), "nifti")
+
+
+def read_dicom_series(folder: Path) -> Study:
+    """The largest CT series in a folder: slices sorted along the slice normal, rescaled to HU."""
+    import pydicom
+
+    files = sorted(p for p in folder.rglob("*") if p.is_file())
+    if not files:
+        raise StudyError(f"{folder}: no files found")
+    series: dict[str, list[tuple[Path, Any]]] = {}
+    for p in files:
+        try:
+            ds = pydicom.dcmread(p, stop_before_pixels=True)
+        except Exception:
+            continue  # not DICOM: other files may sit beside a series
+        if "PixelData" not in ds and not _has_pixel_data(p):
+            continue
+        if str(ds.get("Modality", "")) != "CT" or "ImagePositionPatient" not in ds:
+            continue
+        series.setdefault(str(ds.get("SeriesInstanceUID", "")), []).append((p, ds))
+    if not series:
+        raise StudyError(f"{folder}: no CT image slices found among {len(files)} files")
+    slices = max(series.values(), key=len)
+    if len(slices) < 2:
+        raise StudyError(f"{folder}: the CT series has {len(slices)} slice; at least 2 are needed")
+    first = slices[0][1]
+    try:
+        iop = np.array([float(v) for v in first.ImageOrientationPatient], np.float64)
+        row_dir, col_dir = iop[:3], iop[3:]
+        normal = np.cross(row_dir, col_dir)
+        dr, dc = (float(v) for v in first.PixelSpacing)
+    except Exception as e:
+        raise StudyError(f"{slices[0][0].name}: missing or invalid ImageOrientationPatient/PixelSpacing") from e
+    positions = []
+    for p, ds in slices:
+        ipp = np.array([float(v) for v in ds.ImagePositionPatient], np.float64)
+        positions.append((float(ipp @ normal), p, ds, ipp))
+    positions.sort(key=lambda t: t[0])
+    z = np.array([t[0] for t in positions])
+    gaps = np.diff(z)
+    if (gaps < 1e-3).any():
+        raise StudyError(f"{folder}: two slices share a position along the slice normal")
+    dz = float(np.median(gaps))
+    if np.abs(gaps - dz).max() > 0.01 * dz + 0.01:
+        raise StudyError(f"{folder}: slice spacing is uneven ({gaps.min():.3f} to {gaps.max():.3f} mm)")
+    rows, cols = int(first.Rows), int(first.Columns)
+    volume = np.empty((len(positions), rows, cols), np.int16)
+    for k, (_, p, _, _) in enumerate(positions):
+        ds = pydicom.dcmread(p)
+        if int(ds.Rows) != rows or int(ds.Columns) != cols:
+            raise StudyError(f"{p.name}: slice is {ds.Rows}x{ds.Columns}, the series {rows}x{cols}")
+        pixels = ds.pixel_array.astype(np.float64)
+        slope = float(ds.get("RescaleSlope", 1.0))
+        intercept = float(ds.get("RescaleIntercept", 0.0))
+        volume[k] = _to_hu_int16(pixels * slope + intercept, p.name)
+    # affine from (column i, row j, slice k) index to LPS, then to RAS for the orientation code
+    origin = positions[0][3]
+    lps = np.eye(4)
+    lps[:3, 0] = row_dir * dc
+    lps[:3, 1] = col_dir * dr
+    lps[:3, 2] = normal * dz
+    lps[:3, 3] = origin
+    native = volume.transpose(2, 1, 0)  # (i=column, j=row, k=slice)
+    return _canonical(native, _RAS_FROM_LPS @ lps, "dicom", [t[1] for t in positions])
+
+
+def _has_pixel_data(path: Path) -> bool:
+    import pydicom
+
+    try:
+        return "PixelData" in pydicom.dcmread(path)
+    except Exception:
+        return False
+
+
+def read_study(path: Path) -> Study:
+    """A DICOM series folder or a NIfTI file."""
+    if not path.exists():
+        raise StudyError(f"{path}: no such file or folder")
+    if path.is_dir():
+        return read_dicom_series(path)
+    if path.name.endswith((".nii", ".nii.gz")):
+        return read_nifti(path)
+    raise StudyError(f"{path.name}: expected a DICOM series folder or a .nii/.nii.gz file")
+
+
+def save_nifti(volume_native: np.ndarray, affine_ras: np.ndarray, path: Path) -> None:
+    """Write a volume in native (i, j, k) order with the given RAS affine (sform and qform)."""
+    import nibabel as nib
+
+    img = nib.Nifti1Image(volume_native, affine_ras)
+    img.set_qform(affine_ras, code=1)
+    img.set_sform(affine_ras, code=1)
+    nib.save(img, str(path))
+
+
+def write_phantom(phantom: Any, out: Path, fmt: str) -> list[Path]:
+    """Write a phantom as a DICOM series (``out/dicom``) or NIfTI (``out/ct.nii.gz``), with its truth."""
+    out.mkdir(parents=True, exist_ok=True)
+    affine_ras = _RAS_FROM_LPS @ phantom.affine_lps()
+    written = []
+    if fmt == "nifti":
+        save_nifti(phantom.ct.transpose(2, 1, 0), affine_ras, out / "ct.nii.gz")
+        written.append(out / "ct.nii.gz")
+    elif fmt == "dicom":
+        written.extend(write_dicom_series(phantom, out / "dicom"))
+    else:
+        raise StudyError(f"format must be dicom or nifti, got {fmt!r}")
+    save_nifti(phantom.labels.transpose(2, 1, 0), affine_ras, out / "labels_truth.nii.gz")
+    (out / "phantom.json").write_text(json.dumps(phantom.describe(), indent=2) + "\n")
+    return written + [out / "labels_truth.nii.gz", out / "phantom.json"]
+
+
+def write_dicom_series(phantom: Any, folder: Path) -> list[Path]:
+    """One CT Image Storage file per slice, with UIDs derived from the seed (deterministic)."""
+    from pydicom.dataset import Dataset, FileMetaDataset
+    from pydicom.uid import ExplicitVRLittleEndian, generate_uid
+
+    folder.mkdir(parents=True, exist_ok=True)
+    seed = str(phantom.seed)
+    study_uid = generate_uid(entropy_srcs=["medseg-phantom-study", seed])
+    series_uid = generate_uid(entropy_srcs=["medseg-phantom-series", seed])
+    frame_uid = generate_uid(entropy_srcs=["medseg-phantom-frame", seed])
+    sz, sy, sx = phantom.spacing
+    paths = []
+    for k in range(phantom.ct.shape[0]):
+        sop_uid = generate_uid(entropy_srcs=["medseg-phantom-instance", seed, str(k)])
+        meta = FileMetaDataset()
+        meta.MediaStorageSOPClassUID = CT_IMAGE_STORAGE
+        meta.MediaStorageSOPInstanceUID = sop_uid
+        meta.TransferSyntaxUID = ExplicitVRLittleEndian
+        ds = Dataset()
+        ds.file_meta = meta
+        ds.SOPClassUID, ds.SOPInstanceUID = CT_IMAGE_STORAGE, sop_uid
+        ds.StudyInstanceUID, ds.SeriesInstanceUID, ds.FrameOfReferenceUID = study_uid, series_uid, frame_uid
+        ds.PatientName, ds.PatientID = f"PHANTOM^{seed}", f"PH{seed}"
+        ds.PatientBirthDate, ds.PatientSex, ds.AccessionNumber = "", "O", f"ACC{seed}"
+        ds.StudyDate = ds.SeriesDate = "20260101"
+        ds.StudyTime = ds.SeriesTime = "120000"
+        ds.StudyID, ds.SeriesNumber, ds.InstanceNumber = "1", 1, k + 1
+        ds.Modality, ds.Manufacturer = "CT", "medseg phantom"
+        ds.SeriesDescription = "medseg synthetic abdomen"
+        ds.ImageType = ["ORIGINAL", "PRIMARY", "AXIAL"]
+        ds.PositionReferenceIndicator = ""
+        ds.ImagePositionPatient = [f"{v:.4f}" for v in (phantom.origin_mm[0], phantom.origin_mm[1], phantom.origin_mm[2] + k * sz)]
+        ds.ImageOrientationPatient = [1, 0, 0, 0, 1, 0]
+        ds.SliceLocation = f"{phantom.origin_mm[2] + k * sz:.4f}"
+        ds.PixelSpacing = [f"{sy:.6g}", f"{sx:.6g}"]
+        ds.SliceThickness = f"{sz:.6g}"
+        ds.KVP, ds.RescaleType = "120", "HU"
+        ds.SamplesPerPixel, ds.PhotometricInterpretation = 1, "MONOCHROME2"
+        ds.Rows, ds.Columns = phantom.ct.shape[1], phantom.ct.shape[2]
+        ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 16, 16, 15, 0
+        ds.RescaleIntercept, ds.RescaleSlope = "-1024", "1"
+        ds.WindowCenter, ds.WindowWidth = "40", "400"
+        ds.PixelData = (phantom.ct[k].astype(np.int32) + 1024).astype(np.uint16).tobytes()
+        path = folder / f"CT{k + 1:04d}.dcm"
+        ds.save_as(path, enforce_file_format=True)
+        paths.append(path)
+    return paths
