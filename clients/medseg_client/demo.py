@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import time
 from pathlib import Path
+from typing import Any
 
 import nibabel as nib
 import numpy as np
@@ -21,6 +22,11 @@ from medseg.spec import SPEC
 from medseg.studies import write_phantom
 from medseg_client.cli import summary
 from medseg_client.segment import FINDINGS_FILE, LABELS_FILE, segment_to_dir
+
+
+def _voxels(path: Path) -> np.ndarray:
+    img: Any = nib.load(str(path))
+    return np.asanyarray(img.dataobj)
 
 
 def run_demo(out: Path, seed: int) -> int:
@@ -40,8 +46,8 @@ def run_demo(out: Path, seed: int) -> int:
         doc = segment_to_dir(server.grpc_url, study_dir / "dicom", out / "result", SPEC.ensemble.name, 600.0)
     print(summary(doc))
     print("[4/4] against the ground truth", flush=True)
-    pred = np.asanyarray(nib.load(str(out / "result" / LABELS_FILE)).dataobj)
-    truth = np.asanyarray(nib.load(str(study_dir / "labels_truth.nii.gz")).dataobj)
+    pred = _voxels(out / "result" / LABELS_FILE)
+    truth = _voxels(study_dir / "labels_truth.nii.gz")
     liver = dice(pred > 0, truth > 0)
     tumor = dice(pred == SPEC.label("liver_tumor").value, truth == SPEC.label("liver_tumor").value)
     matches = match_tumors([t.__dict__ for t in ph.tumors], doc["findings"]["tumors"])

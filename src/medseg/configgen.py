@@ -140,7 +140,7 @@ def check(repo_files: dict[Path, str]) -> list[str]:
     for path, text in repo_files.items():
         current = path.read_text() if path.exists() else ""
         if current != text:
-            rel = path.relative_to(MODEL_REPOSITORY.parent)
+            rel = path.relative_to(MODEL_REPOSITORY.parent) if path.is_relative_to(MODEL_REPOSITORY.parent) else path
             diffs.append("".join(difflib.unified_diff(current.splitlines(True), text.splitlines(True),
                                                       f"{rel} (committed)", f"{rel} (from spec)")))
     return diffs

@@ -1,3 +1,5 @@
+# mypy: disable-error-code="attr-defined,assignment"
+# (DALI's type stubs do not declare its enums or operator results)
 """The preprocessing pipeline, defined once in DALI: HU window and resampling to the model grid.
 
 The GPU flavor's DALI backend serializes it (``model_repository/ct_preprocess/1/dali.py``); the CPU

@@ -25,8 +25,8 @@ def z_tiles(depth: int, plane: int, tile_voxels: int, overlap: int, divisor: int
     if size >= depth:
         return [(0, depth, 0, depth)]
     step = size - overlap
-    starts = list(range(0, depth - size, step)) + [depth - size]
-    tiles = []
+    starts = [*list(range(0, depth - size, step)), depth - size]
+    tiles: list[tuple[int, int, int, int]] = []
     for i, s in enumerate(starts):
         keep_start = 0 if i == 0 else s + overlap // 2
         keep_stop = depth if i == len(starts) - 1 else s + size - overlap // 2

@@ -154,7 +154,7 @@ def generate(
     inner_b = np.empty(nz, np.float32)
     for k, zk in enumerate(grid.z):
         s = 1.0 + scale_amp * np.sin(scale_freq * zk)
-        key = int(round(s * 200))
+        key = round(s * 200)
         sa, sb = a * key / 200, b * key / 200
         inner_a[k], inner_b[k] = sa - fat - muscle, sb - fat - muscle
         if key not in cache:
@@ -198,13 +198,13 @@ def generate(
     def vertebra(x, y, z):  # type: ignore[no-untyped-def]
         return (x**2 + (y - spine_y) ** 2) < vr**2 + 0 * z
 
-    sl = grid.box(np.array([-vr - 30, spine_y - vr, zlo]), np.array([vr + 30, spine_y + vr + 40, zhi]))
-    if sl is not None:
-        x, y, z = grid.mesh(sl)
+    spine_box = grid.box(np.array([-vr - 30, spine_y - vr, zlo]), np.array([vr + 30, spine_y + vr + 40, zhi]))
+    if spine_box is not None:
+        x, y, z = grid.mesh(spine_box)
         rr = np.sqrt(x**2 + (y - spine_y) ** 2)
         disc = ((z - disc_phase) % disc_period) < 7
         body = rr < vr
-        region = ct[sl]
+        region = ct[spine_box]
         region[np.broadcast_to(body, region.shape)] = 260
         region[np.broadcast_to(body & (rr > vr - 2.5), region.shape)] = 750
         region[np.broadcast_to(body & disc, region.shape)] = 90
@@ -212,7 +212,7 @@ def generate(
         region[np.broadcast_to(canal, region.shape)] = 15
         ring = (np.abs(np.sqrt(x**2 + (y - spine_y - vr - 10) ** 2) - 12) < 3.5) & ~disc
         region[np.broadcast_to(ring, region.shape)] = 600
-        ct[sl] = region
+        ct[spine_box] = region
     rib_period = float(rng.uniform(22, 30))
     rib_phase = float(rng.uniform(0, rib_period))
     rib_zmax = liver_z + float(rng.uniform(80, 120))

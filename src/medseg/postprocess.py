@@ -82,6 +82,7 @@ def measure(labels: np.ndarray, ct: np.ndarray, spacing: Sequence[float]) -> dic
         "liver": {"found": bool(organ.any()), "volume_ml": round(float(organ.sum()) * voxel_ml, 2)},
         "tumors": [],
         "tumor_burden_ml": 0.0,
+        "tumors_not_listed": 0,
     }
     if not organ.any():
         return result
@@ -89,14 +90,15 @@ def measure(labels: np.ndarray, ct: np.ndarray, spacing: Sequence[float]) -> dic
     offset = np.array([s.start for s in box])
     tumor_mask = labels[box] == TUMOR
     comp, n = ndimage.label(tumor_mask, structure=_FULL)
-    tumors = []
-    for i, obj in enumerate(ndimage.find_objects(comp), start=1):
-        if obj is None:
-            continue
+    sizes = np.bincount(comp.ravel(), minlength=n + 1)[1:]
+    ids = [int(i) + 1 for i in np.argsort(-sizes, kind="stable") if sizes[i] * voxel_ml >= SPEC.min_tumor_volume_ml]
+    result["tumors_not_listed"] = max(0, len(ids) - SPEC.max_reported_tumors)
+    objects = ndimage.find_objects(comp)
+    tumors: list[dict[str, Any]] = []
+    for i in ids[: SPEC.max_reported_tumors]:
+        obj = objects[i - 1]
         m = comp[obj] == i
-        volume = float(m.sum()) * voxel_ml
-        if volume < SPEC.min_tumor_volume_ml:
-            continue
+        volume = float(sizes[i - 1]) * voxel_ml
         local = np.argwhere(m).mean(axis=0) + [s.start for s in obj] + offset
         start = [int(s.start + o) for s, o in zip(obj, offset, strict=True)]
         stop = [int(s.stop + o) for s, o in zip(obj, offset, strict=True)]
@@ -108,11 +110,8 @@ def measure(labels: np.ndarray, ct: np.ndarray, spacing: Sequence[float]) -> dic
             "bbox_voxel_zyx": {"start": start, "stop": stop},
             "mean_hu": round(float(hu.mean()), 1),
         })
-    tumors.sort(key=lambda t: -t["volume_ml"])
-    for k, t in enumerate(tumors, start=1):
-        t["id"] = k
-    result["tumors"] = [{"id": t.pop("id"), **t} for t in tumors]
-    result["tumor_burden_ml"] = round(sum(t["volume_ml"] for t in tumors), 3)
+    result["tumors"] = [{"id": k, **t} for k, t in enumerate(tumors, start=1)]  # largest first
+    result["tumor_burden_ml"] = round(float(sizes[[i - 1 for i in ids]].sum()) * voxel_ml, 3)
     return result
 
 

@@ -22,6 +22,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from threading import Thread
 from types import TracebackType
+from typing import TextIO
 
 from medseg.errors import ServerError
 from medseg.spec import MODEL_REPOSITORY, REPO_ROOT
@@ -95,7 +96,7 @@ class EmbeddedServer:
         self.log_file = log_file
         self._proc: subprocess.Popen[bytes] | None = None
         self._tail: deque[str] = deque(maxlen=60)
-        self._log_handle = None
+        self._log_handle: TextIO | None = None
 
     @property
     def grpc_url(self) -> str:
@@ -143,7 +144,7 @@ class EmbeddedServer:
     def start(self, timeout_s: float = 180.0) -> EmbeddedServer:
         """Start the server and return once it reports ready; raise ServerError with its log otherwise."""
         if self.log_file is not None:
-            self._log_handle = open(self.log_file, "w")  # noqa: SIM115 - closed in stop()
+            self._log_handle = open(self.log_file, "w")
         self._proc = subprocess.Popen(
             self.command(), env=self.environment(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
             start_new_session=True,

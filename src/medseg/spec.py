@@ -101,6 +101,7 @@ class Spec:
     tile_voxels: int  # model-grid voxels above which CPU inference tiles along z
     tile_overlap: int  # slices of overlap between tiles (multiple of the size divisor)
     min_tumor_volume_ml: float  # smaller tumor components are dropped as noise
+    max_reported_tumors: int  # findings list the largest ones; the rest are counted
     ensemble: ModelIO
     preprocess: ModelIO
     segmenter: ModelIO
@@ -154,6 +155,7 @@ def _build() -> Spec:
         tile_voxels=160 * 256 * 256,
         tile_overlap=32,
         min_tumor_volume_ml=0.03,
+        max_reported_tumors=50,
         ensemble=ModelIO("ct_liver", 1, (ct, spacing), (labels_t, findings)),
         preprocess=ModelIO("ct_preprocess", 1, (ct, spacing), (image, grid)),
         segmenter=ModelIO("ct_segmenter", 1, (image,), (logits,)),
@@ -171,7 +173,7 @@ def model_grid_shape(shape: tuple[int, ...], spacing: tuple[float, ...]) -> tupl
     bounds checks use it too, so that all agree on the grid.
     """
     out = [
-        int(math.floor(n * s / m + 0.5)) for n, s, m in zip(shape, spacing, SPEC.model_spacing, strict=True)
+        math.floor(n * s / m + 0.5) for n, s, m in zip(shape, spacing, SPEC.model_spacing, strict=True)
     ]
     return (max(out[0], 1), max(out[1], 1), max(out[2], 1))
 

@@ -18,7 +18,7 @@ import numpy as np
 from medseg.errors import StudyError
 
 HU_MIN, HU_MAX = -1024, 3071
-CT_IMAGE_STORAGE = "1.2.840.10008.5.1.4.1.1.2"
+CT_IMAGE_STORAGE = "1.2.840.10008.5.1.4.1.1.2"  # CT Image Storage SOP class
 _LPS = ("L", "P", "S")
 _RAS_FROM_LPS = np.diag([-1.0, -1.0, 1.0, 1.0])
 
@@ -81,7 +81,7 @@ def read_nifti(path: Path) -> Study:
     import nibabel as nib
 
     try:
-        img = nib.load(str(path))
+        img: Any = nib.load(str(path))
         data = np.asanyarray(img.dataobj)
     except Exception as e:  # nibabel raises many types for broken files
         raise StudyError(f"{path.name}: not a readable NIfTI file ({type(e).__name__}: {e})") from e
@@ -203,13 +203,13 @@ def write_phantom(phantom: Any, out: Path, fmt: str) -> list[Path]:
         raise StudyError(f"format must be dicom or nifti, got {fmt!r}")
     save_nifti(phantom.labels.transpose(2, 1, 0), affine_ras, out / "labels_truth.nii.gz")
     (out / "phantom.json").write_text(json.dumps(phantom.describe(), indent=2) + "\n")
-    return written + [out / "labels_truth.nii.gz", out / "phantom.json"]
+    return [*written, out / "labels_truth.nii.gz", out / "phantom.json"]
 
 
 def write_dicom_series(phantom: Any, folder: Path) -> list[Path]:
     """One CT Image Storage file per slice, with UIDs derived from the seed (deterministic)."""
     from pydicom.dataset import Dataset, FileMetaDataset
-    from pydicom.uid import ExplicitVRLittleEndian, generate_uid
+    from pydicom.uid import UID, ExplicitVRLittleEndian, generate_uid
 
     folder.mkdir(parents=True, exist_ok=True)
     seed = str(phantom.seed)
@@ -221,7 +221,7 @@ def write_dicom_series(phantom: Any, folder: Path) -> list[Path]:
     for k in range(phantom.ct.shape[0]):
         sop_uid = generate_uid(entropy_srcs=["medseg-phantom-instance", seed, str(k)])
         meta = FileMetaDataset()
-        meta.MediaStorageSOPClassUID = CT_IMAGE_STORAGE
+        meta.MediaStorageSOPClassUID = UID(CT_IMAGE_STORAGE)
         meta.MediaStorageSOPInstanceUID = sop_uid
         meta.TransferSyntaxUID = ExplicitVRLittleEndian
         ds = Dataset()

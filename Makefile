@@ -1,0 +1,54 @@
+# medseg: `make demo` and `make test` on a fresh machine; everything else is built on demand.
+SHELL := /bin/bash
+PY := .venv/bin/python
+STAMP := .venv/.installed-stamp
+ONNX := model_repository/ct_segmenter/1/model.onnx
+WEIGHTS := export/weights/ct_liver_unet.fp16.pt export/weights/manifest.json
+
+.PHONY: venv artifacts configs demo test test-unit test-server test-slow lint bench weights clean
+
+venv: $(STAMP)
+$(STAMP): pyproject.toml
+	test -x $(PY) || python3 -m venv .venv
+	$(PY) -m pip install --quiet --upgrade pip
+	# torch first, pinned: the CPU build (a GPU host installs its own beforehand)
+	$(PY) -m pip install --quiet "torch==2.13.0"
+	$(PY) -m pip install --quiet -e ".[dev]"
+	touch $(STAMP)
+
+# ONNX export (checked against PyTorch) + provenance, rebuilt when the weights change
+artifacts: $(ONNX)
+$(ONNX): $(WEIGHTS) export/export_onnx.py $(STAMP)
+	OMP_NUM_THREADS=2 $(PY) -m export.export_onnx
+
+configs: $(STAMP)
+	$(PY) -m medseg.configgen
+
+demo: $(STAMP) $(ONNX)
+	$(PY) -m medseg_client.cli demo --out demo_out
+
+lint: $(STAMP)
+	$(PY) -m ruff check src clients export tests perf model_repository
+	$(PY) -m mypy
+
+test: $(STAMP) $(ONNX) lint
+	$(PY) -m pytest
+
+test-unit: $(STAMP)
+	$(PY) -m pytest -m "not server and not slow"
+
+test-server: $(STAMP) $(ONNX)
+	$(PY) -m pytest -m server
+
+test-slow: $(STAMP) $(ONNX)
+	$(PY) -m pytest -m slow -o addopts="-ra"
+
+bench: $(STAMP) $(ONNX)
+	$(PY) -m perf.bench
+
+# retrain the shipped weights (about 25 min on 2 CPU cores; minutes on a GPU)
+weights: $(STAMP)
+	$(PY) -m export.train
+
+clean:
+	rm -rf demo_out .cache .pytest_cache .mypy_cache .ruff_cache .triton_backends

@@ -1,0 +1,38 @@
+"""The medseg command: one clear line and a non-zero exit on bad input, nothing half written."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+MEDSEG = [sys.executable, "-m", "medseg_client.cli"]
+
+
+def run(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([*MEDSEG, *args], capture_output=True, text=True, timeout=300)
+
+
+def test_phantom_writes_a_dicom_series_and_its_truth(tmp_path: Path) -> None:
+    r = run("phantom", "--seed", "3", "--out", str(tmp_path), "--slices", "80")
+    assert r.returncode == 0, r.stderr
+    assert len(list((tmp_path / "dicom").glob("*.dcm"))) == 80
+    assert (tmp_path / "labels_truth.nii.gz").exists() and (tmp_path / "phantom.json").exists()
+
+
+def test_segment_of_a_missing_input_fails_in_one_line_and_writes_nothing(tmp_path: Path) -> None:
+    out = tmp_path / "out"
+    r = run("segment", "--url", "127.0.0.1:1", str(tmp_path / "nope"), "--out", str(out))
+    assert r.returncode == 2
+    assert r.stderr.strip().count("\n") == 0 and "no such file or folder" in r.stderr
+    assert "Traceback" not in r.stderr
+    assert not out.exists()
+
+
+def test_segment_with_no_server_fails_clearly_and_writes_nothing(tmp_path: Path) -> None:
+    run("phantom", "--seed", "3", "--out", str(tmp_path / "s"), "--slices", "80", "--format", "nifti")
+    out = tmp_path / "out"
+    r = run("segment", "--url", "127.0.0.1:1", "--timeout", "5", str(tmp_path / "s" / "ct.nii.gz"), "--out", str(out))
+    assert r.returncode == 2, r.stderr
+    assert "unavailable" in r.stderr.lower() and "Traceback" not in r.stderr
+    assert not out.exists() and not list(tmp_path.glob(".medseg-*"))

@@ -1,0 +1,62 @@
+"""Tiled inference equals whole-volume inference; bad studies are refused with a reason."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+
+from medseg.errors import StudyError
+from medseg.inference import run_tiled, z_tiles
+from medseg.spec import SPEC
+from medseg.validate import check_study
+
+
+@pytest.mark.parametrize("depth", [16, 64, 160, 512])
+def test_z_tiles_keep_every_slice_exactly_once(depth: int) -> None:
+    tiles = z_tiles(depth, 256 * 256, 48 * 256 * 256, SPEC.tile_overlap, SPEC.network.size_divisor)
+    kept = np.zeros(depth, int)
+    for start, stop, k0, k1 in tiles:
+        assert 0 <= start <= k0 < k1 <= stop <= depth
+        kept[k0:k1] += 1
+    assert (kept == 1).all()
+
+
+def test_tiled_run_equals_a_whole_run_for_a_local_operator() -> None:
+    def runner(batch: np.ndarray) -> np.ndarray:  # a local (3-slice) operator, like a shallow convnet
+        x = batch[:, 0]
+        smooth = (np.roll(x, 1, 1) + x + np.roll(x, -1, 1)) / 3
+        smooth[:, 0], smooth[:, -1] = x[:, 0], x[:, -1]
+        return np.stack([smooth, -smooth, x], 1)
+
+    rng = np.random.default_rng(1)
+    image = rng.random((1, 160, 16, 16)).astype(np.float32)
+    whole = run_tiled(runner, image, tile_voxels=10**9)
+    tiled = run_tiled(runner, image, tile_voxels=48 * 16 * 16)
+    np.testing.assert_allclose(tiled, whole)
+
+
+@pytest.mark.parametrize(
+    ("shape", "dtype", "spacing", "message"),
+    [
+        ((80, 512, 512), np.float32, (2, 0.7, 0.7), "int16"),
+        ((512, 512), np.int16, (2, 0.7, 0.7), "3-D"),
+        ((80, 512, 512), np.int16, (0, 0.7, 0.7), "spacing along z"),
+        ((80, 512, 512), np.int16, (2, math.nan, 0.7), "spacing along y"),
+        ((80, 512, 512), np.int16, (2, 0.7, math.inf), "spacing along x"),
+        ((80, 512, 512), np.int16, (-2, 0.7, 0.7), "spacing along z"),
+        ((80, 512, 512), np.int16, (2, 0.7), "3 values"),
+        ((80, 4, 512), np.int16, (2, 0.7, 0.7), "size along y"),
+        ((3000, 512, 512), np.int16, (2, 0.7, 0.7), "size along z"),
+        ((1300, 512, 512), np.int16, (1, 0.7, 0.7), "voxels"),
+        ((400, 512, 512), np.int16, (5, 0.7, 0.7), "extent along z"),
+    ],
+)
+def test_bad_studies_are_refused_with_the_reason(shape, dtype, spacing, message) -> None:  # type: ignore[no-untyped-def]
+    with pytest.raises(StudyError, match=message):
+        check_study(shape, np.dtype(dtype), spacing)
+
+
+def test_a_study_up_to_512x512x1000_is_accepted() -> None:
+    assert check_study((1000, 512, 512), np.dtype(np.int16), (1.0, 0.8, 0.8)) == (500, 273, 273)

@@ -1,0 +1,83 @@
+"""Phantoms are deterministic and plausible; DICOM and NIfTI round-trip onto the canonical grid."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import pytest
+
+from medseg.errors import StudyError
+from medseg.phantom import LIVER, TUMOR, Phantom, generate
+from medseg.studies import read_study, save_nifti, write_phantom
+
+
+def test_the_same_seed_gives_the_same_study(small_phantom: Phantom) -> None:
+    again = generate(17, num_slices=80, slice_thickness=4.0)
+    assert np.array_equal(again.ct, small_phantom.ct) and np.array_equal(again.labels, small_phantom.labels)
+    assert not np.array_equal(generate(18, num_slices=80, slice_thickness=4.0).ct, small_phantom.ct)
+
+
+@pytest.mark.parametrize("seed", [1, 2, 3])
+def test_phantoms_follow_the_acquisition_recipe(seed: int) -> None:
+    ph = generate(seed)
+    nz, rows, cols = ph.ct.shape
+    assert rows == cols == 512 and 80 <= nz <= 400
+    assert 1.0 <= ph.spacing[0] <= 5.0 and 0.6 <= ph.spacing[1] == ph.spacing[2] <= 0.95
+    assert ph.ct.dtype == np.int16 and -1024 <= ph.ct.min() and ph.ct.max() <= 3071
+    assert 0 <= len(ph.tumors) <= 4 and all(5 <= t.diameter_mm <= 40 for t in ph.tumors)
+    liver_hu = ph.ct[ph.labels == LIVER].mean()
+    assert 40 < liver_hu < 140
+    if (ph.labels == TUMOR).any():
+        assert ph.ct[ph.labels == TUMOR].mean() < liver_hu - 10  # hypodense
+
+
+@pytest.mark.parametrize("fmt", ["dicom", "nifti"])
+def test_written_studies_read_back_voxel_for_voxel(fmt: str, small_phantom: Phantom, tmp_path: Path) -> None:
+    write_phantom(small_phantom, tmp_path, fmt)
+    study = read_study(tmp_path / ("dicom" if fmt == "dicom" else "ct.nii.gz"))
+    assert np.array_equal(study.ct, small_phantom.ct)
+    np.testing.assert_allclose(study.spacing, small_phantom.spacing, rtol=1e-5)
+    np.testing.assert_allclose(study.lps_mm([0, 0, 0]), small_phantom.origin_mm, atol=0.01)
+    truth = nib.load(str(tmp_path / "labels_truth.nii.gz"))
+    np.testing.assert_allclose(truth.affine, study.native_affine_ras, atol=1e-3)
+
+
+def test_dicom_slices_are_ordered_by_position_not_by_file_name(small_phantom: Phantom, tmp_path: Path) -> None:
+    write_phantom(small_phantom, tmp_path, "dicom")
+    files = sorted((tmp_path / "dicom").iterdir())
+    rng = np.random.default_rng(0)
+    for f, new in zip(files, rng.permutation(len(files)), strict=True):
+        f.rename(f.with_name(f"x{new:04d}.dcm"))
+    assert np.array_equal(read_study(tmp_path / "dicom").ct, small_phantom.ct)
+
+
+def test_a_reoriented_nifti_maps_to_the_same_canonical_volume_and_back(small_phantom: Phantom, tmp_path: Path) -> None:
+    write_phantom(small_phantom, tmp_path, "nifti")
+    img = nib.load(str(tmp_path / "ct.nii.gz"))
+    # flip i and swap i/j: a differently stored file of the same anatomy
+    data = np.asanyarray(img.dataobj)[::-1].transpose(1, 0, 2)
+    flip = np.eye(4)
+    flip[0, 0], flip[0, 3] = -1, data.shape[1] - 1
+    swap = np.eye(4)[[1, 0, 2, 3]]
+    affine = img.affine @ flip @ swap
+    save_nifti(np.ascontiguousarray(data), affine, tmp_path / "odd.nii.gz")
+    study = read_study(tmp_path / "odd.nii.gz")
+    assert np.array_equal(study.ct, small_phantom.ct)
+    assert np.array_equal(study.to_native(study.ct), data)
+
+
+def test_unreadable_inputs_are_refused_by_name(tmp_path: Path) -> None:
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(StudyError, match="no files"):
+        read_study(tmp_path / "empty")
+    (tmp_path / "notdicom").mkdir()
+    (tmp_path / "notdicom" / "a.txt").write_text("hello")
+    with pytest.raises(StudyError, match="no CT image slices"):
+        read_study(tmp_path / "notdicom")
+    (tmp_path / "broken.nii.gz").write_bytes(b"\x1f\x8b not really gzip")
+    with pytest.raises(StudyError, match=r"broken\.nii\.gz"):
+        read_study(tmp_path / "broken.nii.gz")
+    with pytest.raises(StudyError, match="expected a DICOM series folder"):
+        read_study(tmp_path / "notdicom" / "a.txt")

@@ -1,0 +1,121 @@
+"""Postprocessing: components, labels back on the study grid, and lesion measurements."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from medseg.postprocess import (
+    LIVER,
+    TUMOR,
+    keep_liver_and_its_tumors,
+    logits_to_labels,
+    longest_axial_diameter,
+    measure,
+    postprocess,
+    to_input_grid,
+)
+from medseg.spec import SPEC, model_grid_shape
+
+
+def _ball(shape: tuple[int, int, int], centre: tuple[float, ...], radius: float, spacing: tuple[float, ...]) -> np.ndarray:
+    z, y, x = np.indices(shape, dtype=np.float64)
+    d2 = ((z - centre[0]) * spacing[0]) ** 2 + ((y - centre[1]) * spacing[1]) ** 2 + ((x - centre[2]) * spacing[2]) ** 2
+    return d2 <= radius**2
+
+
+def test_keeps_the_largest_liver_and_tumors_touching_it_only() -> None:
+    lab = np.zeros((20, 40, 40), np.uint8)
+    lab[2:15, 5:30, 5:30] = LIVER
+    lab[5:8, 10:14, 10:14] = TUMOR  # inside the liver
+    lab[5:8, 29:33, 20:24] = TUMOR  # touching the liver's edge
+    lab[16:19, 35:39, 35:39] = TUMOR  # floating away from it
+    lab[17:19, 2:4, 36:39] = LIVER  # a small second "liver"
+    out = keep_liver_and_its_tumors(lab)
+    assert (out[5:8, 10:14, 10:14] == TUMOR).all()
+    assert (out[5:8, 29:33, 20:24] == TUMOR).all()
+    assert not out[16:, 35:, 35:].any()
+    assert not out[17:19, 2:4, 36:39].any()
+
+
+def test_empty_prediction_gives_no_liver() -> None:
+    out = keep_liver_and_its_tumors(np.zeros((4, 4, 4), np.uint8))
+    assert not out.any()
+    f = measure(out, np.zeros((4, 4, 4), np.int16), (1.0, 1.0, 1.0))
+    assert f["liver"]["found"] is False and f["tumors"] == []
+
+
+def test_labels_come_back_on_the_input_grid_in_the_right_place() -> None:
+    shape, spacing = (60, 200, 180), (2.5, 0.7, 0.8)
+    truth = _ball(shape, (30, 90, 100), 30.0, spacing)
+    grid = model_grid_shape(shape, spacing)
+    gz, gy, gx = (np.arange(n) for n in grid)
+    # the same ball drawn on the centred model grid
+    off = [(n * s - g * m) / 2 for n, s, g, m in zip(shape, spacing, grid, SPEC.model_spacing, strict=True)]
+    cz, cy, cx = ((c + 0.5) * s for c, s in zip((30, 90, 100), spacing, strict=True))
+    d2 = (((gz[:, None, None] + 0.5) * 2.0 + off[0] - cz) ** 2 + ((gy[None, :, None] + 0.5) * 1.5 + off[1] - cy) ** 2
+          + ((gx[None, None, :] + 0.5) * 1.5 + off[2] - cx) ** 2)
+    model_labels = (d2 <= 30.0**2).astype(np.uint8)
+    back = to_input_grid(model_labels, shape, spacing)
+    assert back.shape == shape
+    inter = np.logical_and(back > 0, truth).sum()
+    assert 2 * inter / (back.astype(bool).sum() + truth.sum()) > 0.95
+
+
+def test_longest_axial_diameter_of_a_disk_is_its_diameter() -> None:
+    spacing = (2.0, 0.5, 0.5)
+    mask = _ball((9, 120, 120), (4, 60, 60), 20.0, spacing)
+    assert longest_axial_diameter(mask, spacing) == pytest.approx(40.0, abs=1.5)
+
+
+def test_measures_tumor_volume_diameter_centroid_and_mean_hu() -> None:
+    spacing = (1.0, 1.0, 1.0)
+    shape = (60, 80, 80)
+    labels = np.zeros(shape, np.uint8)
+    labels[5:55, 5:75, 5:75] = LIVER
+    tumor = _ball(shape, (30, 40, 40), 10.0, spacing)
+    labels[tumor] = TUMOR
+    small = _ball(shape, (15, 15, 15), 3.0, spacing)
+    labels[small] = TUMOR
+    ct = np.full(shape, 100, np.int16)
+    ct[tumor] = 40
+    f = measure(labels, ct, spacing)
+    assert f["liver"]["volume_ml"] == pytest.approx(50 * 70 * 70 / 1000, rel=1e-6)
+    big = f["tumors"][0]
+    assert big["id"] == 1 and len(f["tumors"]) == 2
+    assert big["volume_ml"] == pytest.approx(4 / 3 * np.pi * 10**3 / 1000, rel=0.05)
+    assert big["longest_axial_diameter_mm"] == pytest.approx(21.0, abs=1.5)
+    assert big["centroid_voxel_zyx"] == pytest.approx([30, 40, 40], abs=0.01)
+    assert big["mean_hu"] == pytest.approx(40.0)
+    assert big["bbox_voxel_zyx"]["start"] == [20, 30, 30] and big["bbox_voxel_zyx"]["stop"] == [41, 51, 51]
+
+
+def test_postprocess_crops_padding_and_reports_the_grids() -> None:
+    shape, spacing = (20, 40, 40), (2.0, 1.5, 1.5)
+    logits = np.zeros((SPEC.num_classes, 32, 48, 48), np.float32)
+    logits[0] = 1.0
+    logits[1, 4:12, 10:30, 10:30] = 5.0
+    logits[1, 25:, :, :] = 9.0  # in the padding: must be ignored
+    labels, findings = postprocess(logits, (20, 40, 40), np.zeros(shape, np.int16), spacing)
+    assert labels.shape == shape
+    assert findings["model_grid_zyx"] == [20, 40, 40]
+    assert findings["liver"]["volume_ml"] == pytest.approx(8 * 20 * 20 * 4.5 / 1000)
+
+
+def test_logits_of_the_wrong_shape_are_refused() -> None:
+    with pytest.raises(ValueError, match="classes"):
+        logits_to_labels(np.zeros((2, 4, 4, 4), np.float32), (4, 4, 4))
+    with pytest.raises(ValueError, match="exceeds"):
+        logits_to_labels(np.zeros((SPEC.num_classes, 4, 4, 4), np.float32), (8, 4, 4))
+
+
+def test_a_speckled_prediction_lists_only_the_largest_tumors_quickly() -> None:
+    rng = np.random.default_rng(3)
+    labels = np.full((40, 120, 120), LIVER, np.uint8)
+    labels[rng.random(labels.shape) < 0.02] = TUMOR  # thousands of specks
+    labels[10:20, 10:30, 10:30] = TUMOR
+    f = measure(labels, np.zeros(labels.shape, np.int16), (2.0, 1.0, 1.0))
+    assert len(f["tumors"]) <= SPEC.max_reported_tumors
+    assert f["tumors"][0]["volume_ml"] >= f["tumors"][-1]["volume_ml"]
+    assert f["tumors"][0]["bbox_voxel_zyx"]["start"][0] <= 10
+    assert f["tumor_burden_ml"] >= sum(t["volume_ml"] for t in f["tumors"]) - 1e-6

@@ -1,0 +1,122 @@
+"""Server tier: the real tritonserver (cpu flavor) on free ports, driven through the client.
+
+On phantom seeds never used in training: liver Dice >= 0.90, every tumor of 10 mm or more found,
+labels on the input grid, and the served result equal to the in-process reference pipeline.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import nibabel as nib
+import numpy as np
+import pytest
+from medseg_client.client import SegmentationClient, SegmentationResult
+
+from medseg.errors import StudyError
+from medseg.metrics import dice, match_tumors
+from medseg.network import weights_info
+from medseg.phantom import Phantom, generate
+from medseg.spec import SPEC
+from medseg.studies import write_phantom
+from tests.conftest import UNSEEN_SEEDS
+
+pytestmark = pytest.mark.server
+TUMOR = SPEC.label("liver_tumor").value
+
+
+@pytest.fixture(scope="module")
+def client(server: Any) -> Any:
+    with SegmentationClient(server.grpc_url) as c:
+        c.wait_until_ready(60)
+        yield c
+
+
+@pytest.fixture(scope="module")
+def served(client: SegmentationClient) -> dict[int, tuple[Phantom, SegmentationResult]]:
+    out = {}
+    for seed in UNSEEN_SEEDS:
+        ph = generate(seed)
+        out[seed] = (ph, client.segment(ph.ct, ph.spacing))
+    return out
+
+
+def test_the_served_model_matches_the_spec(client: SegmentationClient) -> None:
+    meta = client.check_model()
+    assert meta["name"] == SPEC.ensemble.name
+
+
+@pytest.mark.parametrize("seed", UNSEEN_SEEDS)
+def test_liver_dice_on_an_unseen_phantom_is_at_least_0_90(seed: int, served: dict) -> None:  # type: ignore[type-arg]
+    ph, result = served[seed]
+    assert result.labels.shape == ph.ct.shape and result.labels.dtype == np.uint8
+    assert dice(result.labels > 0, ph.labels > 0) >= 0.90
+
+
+@pytest.mark.parametrize("seed", UNSEEN_SEEDS)
+def test_every_tumor_of_10_mm_or_more_is_found(seed: int, served: dict) -> None:  # type: ignore[type-arg]
+    ph, result = served[seed]
+    affine = ph.affine_lps()
+    found = [{**t, "centroid_lps_mm": list((affine @ [*t["centroid_voxel_zyx"][::-1], 1.0])[:3])}
+             for t in result.findings["tumors"]]
+    matches = match_tumors([t.__dict__ for t in ph.tumors], found)
+    missed = [m for m in matches if m["diameter_mm"] >= 10 and m["matched_id"] is None]
+    assert missed == [], f"missed tumors: {missed}; reported: {result.findings['tumors']}"
+
+
+def test_findings_carry_provenance_and_measurements(served: dict) -> None:  # type: ignore[type-arg]
+    ph, result = served[UNSEEN_SEEDS[0]]
+    f = result.findings
+    assert f["model"]["weights_sha256"] == weights_info().sha256
+    assert f["model"]["ensemble"] == SPEC.ensemble.name
+    assert f["study_grid"]["shape_zyx"] == list(ph.ct.shape)
+    assert f["liver"]["volume_ml"] == pytest.approx(float((result.labels > 0).sum()) * np.prod(ph.spacing) / 1000, rel=1e-3)
+    for t in f["tumors"]:
+        assert {"volume_ml", "longest_axial_diameter_mm", "centroid_voxel_zyx", "bbox_voxel_zyx", "mean_hu"} <= t.keys()
+
+
+def test_the_served_result_equals_the_in_process_reference(served: dict) -> None:  # type: ignore[type-arg]
+    from medseg.pipeline import ReferencePipeline
+
+    reference = ReferencePipeline()
+    ph, result = served[UNSEEN_SEEDS[0]]
+    labels, findings = reference(ph.ct, ph.spacing)
+    for lab in SPEC.labels[1:]:
+        assert dice(result.labels == lab.value, labels == lab.value) >= 0.99, lab.name
+    assert findings["liver"] == result.findings["liver"]
+
+
+def test_a_bad_study_is_refused_and_the_server_stays_ready(client: SegmentationClient, server: Any) -> None:
+    import tritonclient.grpc as g
+
+    ct = np.zeros((1, 20, 64, 64), np.int16)
+    inputs = [g.InferInput("CT", list(ct.shape), "INT16"), g.InferInput("SPACING", [1, 3], "FP32")]
+    inputs[0].set_data_from_numpy(ct)
+    inputs[1].set_data_from_numpy(np.array([[2.0, float("nan"), 1.0]], np.float32))
+    raw = g.InferenceServerClient(server.grpc_url)
+    with pytest.raises(Exception, match=r"INVALID_ARGUMENT.*spacing along y"):
+        raw.infer(SPEC.ensemble.name, inputs)
+    with pytest.raises(StudyError, match="spacing"):
+        client.segment(ct[0], (0.0, 1.0, 1.0))
+    assert server.ready()
+
+
+def test_segment_command_writes_labels_on_the_input_grid_and_findings(server: Any, tmp_path: Path) -> None:
+    ph = generate(UNSEEN_SEEDS[1], num_slices=80, slice_thickness=4.0)
+    write_phantom(ph, tmp_path / "study", "dicom")
+    out = tmp_path / "result"
+    r = subprocess.run([sys.executable, "-m", "medseg_client.cli", "segment", "--url", server.grpc_url,
+                        str(tmp_path / "study" / "dicom"), "--out", str(out)], capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr
+    labels = nib.load(str(out / "labels.nii.gz"))
+    truth = nib.load(str(tmp_path / "study" / "labels_truth.nii.gz"))
+    assert labels.shape == truth.shape
+    np.testing.assert_allclose(labels.affine, truth.affine, atol=1e-3)
+    doc = json.loads((out / "findings.json").read_text())
+    assert doc["model"]["weights_sha256"] == weights_info().sha256
+    assert {"request_s", "preprocess_s", "segmenter_s", "postprocess_s", "total_s"} <= doc["timings_s"].keys()
+    assert dice(np.asanyarray(labels.dataobj) > 0, np.asanyarray(truth.dataobj) > 0) >= 0.90
