@@ -55,7 +55,8 @@ def validate(model: Any, cases: list[tuple[np.ndarray, np.ndarray]]) -> dict[str
     return {"liver": float(np.mean(liver)), "tumor": float(np.mean(tumor))}
 
 
-def train(epochs: int, iters_per_epoch: int, out: Path, seed: int, lr: float) -> dict[str, Any]:
+def train(epochs: int, iters_per_epoch: int, out: Path, seed: int, lr: float, init: Path | None = None,
+          class_ratios: tuple[float, ...] = (1, 2, 3), ce_weights: tuple[float, ...] = (1, 1, 1)) -> dict[str, Any]:
     """Run the training and write weights + manifest to ``out``; returns the manifest."""
     import torch
     from monai.losses import DiceCELoss
@@ -71,12 +72,15 @@ def train(epochs: int, iters_per_epoch: int, out: Path, seed: int, lr: float) ->
     sample = Compose([
         SpatialPadd(keys=("image", "label"), spatial_size=PATCH),
         RandCropByLabelClassesd(keys=("image", "label"), label_key="label", spatial_size=PATCH,
-                                ratios=[1, 2, 3], num_classes=SPEC.num_classes, num_samples=2),
+                                ratios=list(class_ratios), num_classes=SPEC.num_classes, num_samples=2),
         RandScaleIntensityd(keys="image", factors=0.1, prob=0.5),
         RandShiftIntensityd(keys="image", offsets=0.05, prob=0.5),
     ])
-    model = build_network().to(device)
-    loss_fn = DiceCELoss(to_onehot_y=True, softmax=True)
+    model = build_network()
+    if init is not None:  # continue from earlier weights (fp16 state dict)
+        model.load_state_dict({k: v.float() for k, v in torch.load(init, map_location="cpu", weights_only=True).items()})
+    model = model.to(device)
+    loss_fn = DiceCELoss(to_onehot_y=True, softmax=True, weight=torch.tensor(ce_weights, dtype=torch.float32, device=device))
     opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=1e-5)
     total = epochs * iters_per_epoch
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda i: 0.5 * (1 + math.cos(math.pi * min(i, total) / total)))
@@ -128,6 +132,7 @@ def train(epochs: int, iters_per_epoch: int, out: Path, seed: int, lr: float) ->
         "seed": seed,
         "data_recipe": {"generator": PHANTOM_RECIPE, "train_seeds": [TRAIN_SEEDS[0], TRAIN_SEEDS[-1]],
                         "val_seeds": [VAL_SEEDS[0], VAL_SEEDS[-1]], "patch": list(PATCH),
+                        "class_ratios": list(class_ratios), "ce_weights": list(ce_weights),
                         "preprocessing": "medseg.dali_pipeline.ct_preprocess (DALI, CPU)"},
         "epochs": epochs,
         "iters_per_epoch": iters_per_epoch,
@@ -136,7 +141,10 @@ def train(epochs: int, iters_per_epoch: int, out: Path, seed: int, lr: float) ->
         "history": history,
         "trained_on": f"{platform.machine()} {device.type}, torch {torch.__version__}",
         "train_seconds": round(time.time() - t0, 1),
-        "command": f"python -m export.train --epochs {epochs} --iters-per-epoch {iters_per_epoch} --seed {seed} --lr {lr}",
+        "command": f"python -m export.train --epochs {epochs} --iters-per-epoch {iters_per_epoch} --seed {seed} --lr {lr}"
+                   f" --class-ratios {' '.join(f'{r:g}' for r in class_ratios)}"
+                   f" --ce-weights {' '.join(f'{w:g}' for w in ce_weights)}" + (f" --init {init}" if init else ""),
+        "initialized_from": None if init is None else {"file": init.name, "sha256": sha256_of(init)},
     }
     (out / MANIFEST_FILE.name).write_text(json.dumps(manifest, indent=2) + "\n")
     return manifest
@@ -149,11 +157,15 @@ def main() -> None:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--lr", type=float, default=2e-3)
     ap.add_argument("--out", type=Path, default=WEIGHTS_FILE.parent)
+    ap.add_argument("--init", type=Path, default=None, help="start from these weights (fp16 state dict)")
+    ap.add_argument("--class-ratios", type=float, nargs=3, default=(1, 2, 3), help="patch centres per class")
+    ap.add_argument("--ce-weights", type=float, nargs=3, default=(1, 1, 1), help="cross-entropy class weights")
     args = ap.parse_args()
     import torch
 
     torch.set_num_threads(max(1, torch.get_num_threads()))
-    m = train(args.epochs, args.iters_per_epoch, args.out, args.seed, args.lr)
+    m = train(args.epochs, args.iters_per_epoch, args.out, args.seed, args.lr, args.init,
+              tuple(args.class_ratios), tuple(args.ce_weights))
     print(f"best epoch {m['best_epoch']}: val Dice liver {m['val_dice']['liver']:.4f} tumor {m['val_dice']['tumor']:.4f}")
     print(f"wrote {args.out / WEIGHTS_FILE.name} (sha256 {m['sha256'][:16]}...) and {MANIFEST_FILE.name}")
 

@@ -120,3 +120,33 @@ def test_segment_command_writes_labels_on_the_input_grid_and_findings(server: An
     assert doc["model"]["weights_sha256"] == weights_info().sha256
     assert {"request_s", "preprocess_s", "segmenter_s", "postprocess_s", "total_s"} <= doc["timings_s"].keys()
     assert dice(np.asanyarray(labels.dataobj) > 0, np.asanyarray(truth.dataobj) > 0) >= 0.90
+
+
+def test_medseg_serve_becomes_ready_and_stops_cleanly_on_sigterm() -> None:
+    import signal
+    import time
+    import urllib.request
+
+    from medseg.server import free_port
+
+    ports = [free_port() for _ in range(3)]
+    proc = subprocess.Popen([sys.executable, "-m", "medseg_client.cli", "serve", "--grpc-port", str(ports[0]),
+                             "--http-port", str(ports[1]), "--metrics-port", str(ports[2])],
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        deadline = time.monotonic() + 120
+        ready = False
+        while time.monotonic() < deadline and proc.poll() is None and not ready:
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{ports[1]}/v2/health/ready", timeout=1) as r:
+                    ready = r.status == 200
+            except OSError:
+                time.sleep(0.2)
+        assert ready, "medseg serve never became ready"
+        proc.send_signal(signal.SIGTERM)
+        out, _ = proc.communicate(timeout=60)
+        assert proc.returncode == 0, out
+        assert "stopped" in out
+    finally:
+        if proc.poll() is None:
+            proc.kill()

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import signal
 import sys
 import time
 from pathlib import Path
@@ -36,21 +35,15 @@ def cmd_serve(args: argparse.Namespace) -> int:
         raise MedsegError("the cuda flavor is not built yet (issue 4); use --flavor cpu")
     server = EmbeddedServer(ServerOptions(flavor=args.flavor, grpc_port=args.grpc_port, http_port=args.http_port,
                                           metrics_port=args.metrics_port, address=args.address))
-    stop = {"signal": 0}
-
-    def handler(signum: int, _frame: Any) -> None:
-        stop["signal"] = signum
-        server.stop()
-
-    signal.signal(signal.SIGTERM, handler)
-    signal.signal(signal.SIGINT, handler)
     t0 = time.monotonic()
-    server.start()
-    print(f"medseg serving {SPEC.ensemble.name} ({args.flavor} flavor): gRPC {server.grpc_url}, "
-          f"HTTP {server.http_url}, ready in {time.monotonic() - t0:.1f} s; Ctrl-C stops", flush=True)
-    code = server.wait() if not stop["signal"] else 0
+
+    def announce() -> None:
+        print(f"medseg serving {SPEC.ensemble.name} ({args.flavor} flavor): gRPC {server.grpc_url}, "
+              f"HTTP {server.http_url}, ready in {time.monotonic() - t0:.1f} s; Ctrl-C stops", flush=True)
+
+    code = server.serve_until_signalled(announce)
     print("medseg server stopped", flush=True)
-    return 0 if stop["signal"] else code
+    return code
 
 
 def cmd_segment(args: argparse.Namespace) -> int:

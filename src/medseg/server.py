@@ -18,6 +18,7 @@ import time
 import urllib.error
 import urllib.request
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from threading import Thread
@@ -181,10 +182,46 @@ class EmbeddedServer:
     def log_tail(self) -> str:
         return "".join(self._tail)
 
-    def wait(self) -> int:
-        """Block until the server exits; returns its exit code."""
-        assert self._proc is not None
-        return self._proc.wait()
+    def running(self) -> bool:
+        """True while the server process is alive."""
+        return self._proc is not None and self._proc.poll() is None
+
+    def terminate(self) -> None:
+        """Ask the server to shut down (SIGTERM) without waiting: safe inside a signal handler."""
+        if self._proc is not None and self._proc.poll() is None:
+            self._proc.send_signal(signal.SIGTERM)
+
+    def serve_until_signalled(self, on_ready: Callable[[], None] = lambda: None, grace_s: float = 20.0) -> int:
+        """Start, call ``on_ready``, and block until the server exits; SIGINT/SIGTERM (from the moment this
+        is called) ask it to stop, and it is killed after ``grace_s``.
+
+        Returns the server's exit code, or 0 when it stopped because it was asked to.
+        """
+        asked: dict[str, float] = {}
+
+        def handler(signum: int, _frame: object) -> None:
+            asked.setdefault("at", time.monotonic())
+            self.terminate()
+
+        previous = {s: signal.signal(s, handler) for s in (signal.SIGINT, signal.SIGTERM)}
+        try:
+            try:
+                self.start()
+            except ServerError:
+                if "at" in asked:
+                    return 0
+                raise
+            on_ready()
+            while self.running():
+                if "at" in asked and time.monotonic() - asked["at"] > grace_s:
+                    break
+                time.sleep(0.2)
+            code = self._proc.returncode if self._proc is not None else 0
+        finally:
+            self.stop(timeout_s=1.0)
+            for s, h in previous.items():
+                signal.signal(s, h)
+        return 0 if "at" in asked else int(code or 0)
 
     def stop(self, timeout_s: float = 20.0) -> None:
         """SIGTERM, then SIGKILL after ``timeout_s``; safe to call twice."""
