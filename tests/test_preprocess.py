@@ -43,3 +43,50 @@ def test_dali_pipeline_matches_the_numpy_reference(shape: tuple[int, int, int], 
     assert image.shape == ref.shape
     assert all(n % SPEC.network.size_divisor == 0 for n in image.shape[1:])
     np.testing.assert_allclose(image, ref, atol=2e-4)
+
+
+def _load_dali_model() -> object:
+    import importlib.util
+
+    from medseg.spec import MODEL_REPOSITORY
+
+    path = MODEL_REPOSITORY / SPEC.preprocess.name / str(SPEC.preprocess.version) / "dali.py"
+    spec = importlib.util.spec_from_file_location("medseg_dali_model", path)
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_the_dali_backend_finds_exactly_one_autoserializable_pipeline() -> None:
+    from nvidia.dali._utils.autoserialize import _discover_autoserialize
+
+    found = _discover_autoserialize(_load_dali_model(), visited=[])
+    assert len(found) == 1 and getattr(found[0], "_is_pipeline_def", False)
+
+
+def test_the_shared_graph_serializes_with_inputs_named_as_in_the_config(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    from medseg.dali_pipeline import ct_preprocess
+
+    pipe = ct_preprocess(device="cpu", batch_size=SPEC.max_batch_size, num_threads=1, device_id=None)
+    blob = pipe.serialize()
+    for t in SPEC.preprocess.inputs:
+        assert t.name.encode() in blob
+
+
+def _cuda_available() -> bool:
+    try:
+        import torch
+
+        return bool(torch.cuda.is_available())
+    except ImportError:
+        return False
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not _cuda_available(), reason="serializing the GPU DALI pipeline needs CUDA and an NVIDIA GPU")
+def test_the_gpu_pipeline_autoserializes_as_the_dali_backend_does(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    from nvidia.dali._utils.autoserialize import invoke_autoserialize
+
+    invoke_autoserialize(_load_dali_model(), str(tmp_path / "model.dali"))
+    assert (tmp_path / "model.dali").stat().st_size > 0

@@ -21,9 +21,12 @@ from medseg.spec import SPEC
 _CT, _SPACING = (t.name for t in SPEC.preprocess.inputs)
 
 
-@dali.pipeline_def
-def ct_preprocess(device: str = "gpu"):  # type: ignore[no-untyped-def]
-    """CT int16 (z, y, x) + spacing (mm) -> window(resample to model spacing), padded; and the grid."""
+def ct_preprocess_graph(device: str = "gpu"):  # type: ignore[no-untyped-def]
+    """The pipeline's graph: CT int16 (z, y, x) + spacing (mm) -> window(resample to model spacing),
+    padded to the network's divisor, in CDHW; and the unpadded model grid.
+
+    ``device="gpu"`` runs the resize and the arithmetic on the GPU (the production flavor).
+    """
     ct = fn.external_source(name=_CT, layout="DHW", dtype=types.INT16, device="cpu")
     spacing = fn.external_source(name=_SPACING, dtype=types.FLOAT, device="cpu")
     model_spacing = types.Constant(np.asarray(SPEC.model_spacing, dtype=np.float32))
@@ -36,6 +39,9 @@ def ct_preprocess(device: str = "gpu"):  # type: ignore[no-untyped-def]
     vol = (dmath.clamp(vol, lo, hi) - lo) * (1.0 / (hi - lo))
     vol = fn.pad(vol, axes=(1, 2, 3), align=SPEC.network.size_divisor, fill_value=0.0)
     return vol, fn.cast(grid, dtype=types.INT64)
+
+
+ct_preprocess = dali.pipeline_def(ct_preprocess_graph)
 
 
 class CpuPreprocessor:
