@@ -119,3 +119,19 @@ def test_a_speckled_prediction_lists_only_the_largest_tumors_quickly() -> None:
     assert f["tumors"][0]["volume_ml"] >= f["tumors"][-1]["volume_ml"]
     assert f["tumors"][0]["bbox_voxel_zyx"]["start"][0] <= 10
     assert f["tumor_burden_ml"] >= sum(t["volume_ml"] for t in f["tumors"]) - 1e-6
+
+
+def test_preview_shows_an_axial_panel_per_tumor_and_a_coronal_panel() -> None:
+    from medseg.preview import PANEL, render_preview
+
+    shape, spacing = (40, 100, 120), (2.5, 0.8, 0.8)
+    ct = np.zeros(shape, np.int16)
+    labels = np.zeros(shape, np.uint8)
+    labels[10:30, 20:80, 20:100] = LIVER
+    labels[15:20, 40:50, 40:50] = TUMOR
+    labels[25:28, 60:66, 70:76] = TUMOR
+    f = measure(labels, ct, spacing)
+    img = render_preview(ct, labels, spacing, f)
+    assert img.width == PANEL * (len(f["tumors"]) + 1) and len(f["tumors"]) == 2
+    pixels = np.asarray(img)
+    assert (pixels[..., 0] > 200).any() and (pixels[..., 1] > 150).any()  # overlay colours are drawn

@@ -116,6 +116,10 @@ def test_segment_command_writes_labels_on_the_input_grid_and_findings(server: An
     truth = nib.load(str(tmp_path / "study" / "labels_truth.nii.gz"))
     assert labels.shape == truth.shape
     np.testing.assert_allclose(labels.affine, truth.affine, atol=1e-3)
+    from PIL import Image
+
+    with Image.open(out / "preview.png") as im:
+        assert im.format == "PNG" and im.width >= 2 * im.height // 2
     doc = json.loads((out / "findings.json").read_text())
     assert doc["model"]["weights_sha256"] == weights_info().sha256
     assert {"request_s", "preprocess_s", "segmenter_s", "postprocess_s", "total_s"} <= doc["timings_s"].keys()

@@ -9,11 +9,13 @@ import time
 from pathlib import Path
 from typing import Any
 
+from medseg.preview import write_preview
 from medseg.studies import Study, read_study, save_nifti
 from medseg_client.client import SegmentationClient
 
 LABELS_FILE = "labels.nii.gz"
 FINDINGS_FILE = "findings.json"
+PREVIEW_FILE = "preview.png"
 
 
 def findings_document(study: Study, source: Path, result_findings: dict[str, Any], timings: dict[str, float]) -> dict[str, Any]:
@@ -32,7 +34,7 @@ def findings_document(study: Study, source: Path, result_findings: dict[str, Any
 
 
 def segment_to_dir(url: str, source: Path, out: Path, model_name: str, timeout_s: float) -> dict[str, Any]:
-    """Segment ``source`` (DICOM folder or NIfTI) and write labels.nii.gz and findings.json into ``out``.
+    """Segment ``source`` (DICOM folder or NIfTI); write labels.nii.gz, findings.json and preview.png into ``out``.
 
     Outputs are staged in a temporary folder beside ``out`` and moved in only when all are written.
     """
@@ -46,6 +48,7 @@ def segment_to_dir(url: str, source: Path, out: Path, model_name: str, timeout_s
     staging = Path(tempfile.mkdtemp(prefix=".medseg-", dir=out.parent))
     try:
         save_nifti(study.to_native(result.labels), study.native_affine_ras, staging / LABELS_FILE)
+        write_preview(staging / PREVIEW_FILE, study.ct, result.labels, study.spacing, result.findings)
         timings = {"read_study_s": round(t_read, 3), **result.timings_s,
                    "write_outputs_s": round(time.perf_counter() - t1, 3)}
         timings["total_s"] = round(time.perf_counter() - t0, 3)
