@@ -5,7 +5,13 @@ STAMP := .venv/.installed-stamp
 ONNX := model_repository/ct_segmenter/1/model.onnx
 WEIGHTS := export/weights/ct_liver_unet.fp16.pt export/weights/manifest.json
 
-.PHONY: venv artifacts configs demo test test-unit test-server test-slow lint bench weights clean
+.PHONY: venv sysdeps artifacts configs demo test test-unit test-server test-slow lint bench weights clean
+
+# Debian tools the tests use as oracles (dciodvfy validates every DICOM object we write)
+sysdeps:
+	@command -v dciodvfy >/dev/null || { if [ "$$(id -u)" = 0 ]; then \
+	  (apt-get update -qq && apt-get install -y -qq dicom3tools) >/dev/null; \
+	  else echo "dciodvfy missing: sudo apt-get install dicom3tools (tests that need it will skip)"; fi; }
 
 venv: $(STAMP)
 $(STAMP): pyproject.toml
@@ -31,13 +37,13 @@ lint: $(STAMP)
 	$(PY) -m ruff check src clients export tests perf model_repository
 	$(PY) -m mypy
 
-test: $(STAMP) $(ONNX) lint
+test: $(STAMP) $(ONNX) sysdeps lint
 	$(PY) -m pytest
 
-test-unit: $(STAMP)
+test-unit: $(STAMP) sysdeps
 	$(PY) -m pytest -m "not server and not slow"
 
-test-server: $(STAMP) $(ONNX)
+test-server: $(STAMP) $(ONNX) sysdeps
 	$(PY) -m pytest -m server
 
 test-slow: $(STAMP) $(ONNX)

@@ -7,6 +7,7 @@ labels on the input grid, and the served result equal to the in-process referenc
 from __future__ import annotations
 
 import json
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -105,7 +106,7 @@ def test_a_bad_study_is_refused_and_the_server_stays_ready(client: SegmentationC
     assert server.ready()
 
 
-def test_segment_command_writes_labels_on_the_input_grid_and_findings(server: Any, tmp_path: Path) -> None:
+def test_segment_command_writes_labels_seg_preview_and_findings(server: Any, tmp_path: Path) -> None:
     ph = generate(UNSEEN_SEEDS[1], num_slices=80, slice_thickness=4.0)
     write_phantom(ph, tmp_path / "study", "dicom")
     out = tmp_path / "result"
@@ -118,6 +119,11 @@ def test_segment_command_writes_labels_on_the_input_grid_and_findings(server: An
     np.testing.assert_allclose(labels.affine, truth.affine, atol=1e-3)
     from PIL import Image
 
+    from tests.test_dicom_seg import dciodvfy_errors
+
+    assert (out / "seg.dcm").exists()
+    if shutil.which("dciodvfy"):
+        assert dciodvfy_errors(out / "seg.dcm") == []
     with Image.open(out / "preview.png") as im:
         assert im.format == "PNG" and im.width >= 2 * im.height // 2
     doc = json.loads((out / "findings.json").read_text())

@@ -9,6 +9,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from medseg.dicom_seg import write_seg
 from medseg.preview import write_preview
 from medseg.studies import Study, read_study, save_nifti
 from medseg_client.client import SegmentationClient
@@ -16,6 +17,7 @@ from medseg_client.client import SegmentationClient
 LABELS_FILE = "labels.nii.gz"
 FINDINGS_FILE = "findings.json"
 PREVIEW_FILE = "preview.png"
+SEG_FILE = "seg.dcm"
 
 
 def findings_document(study: Study, source: Path, result_findings: dict[str, Any], timings: dict[str, float]) -> dict[str, Any]:
@@ -34,7 +36,8 @@ def findings_document(study: Study, source: Path, result_findings: dict[str, Any
 
 
 def segment_to_dir(url: str, source: Path, out: Path, model_name: str, timeout_s: float) -> dict[str, Any]:
-    """Segment ``source`` (DICOM folder or NIfTI); write labels.nii.gz, findings.json and preview.png into ``out``.
+    """Segment ``source`` (DICOM folder or NIfTI); write labels.nii.gz, findings.json, preview.png and, for
+    DICOM input, seg.dcm into ``out``.
 
     Outputs are staged in a temporary folder beside ``out`` and moved in only when all are written.
     """
@@ -47,7 +50,10 @@ def segment_to_dir(url: str, source: Path, out: Path, model_name: str, timeout_s
     out.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=".medseg-", dir=out.parent))
     try:
-        save_nifti(study.to_native(result.labels), study.native_affine_ras, staging / LABELS_FILE)
+        native = study.to_native(result.labels)
+        save_nifti(native, study.native_affine_ras, staging / LABELS_FILE)
+        if study.source == "dicom":
+            write_seg(staging / SEG_FILE, study.dicom_files, native, result.findings.get("model", {}))
         write_preview(staging / PREVIEW_FILE, study.ct, result.labels, study.spacing, result.findings)
         timings = {"read_study_s": round(t_read, 3), **result.timings_s,
                    "write_outputs_s": round(time.perf_counter() - t1, 3)}

@@ -19,13 +19,25 @@ WEIGHTS_DIR = REPO_ROOT / "export" / "weights"
 
 
 @dataclass(frozen=True)
+class Code:
+    """A coded concept (DICOM): value, coding scheme designator, meaning."""
+
+    value: str
+    scheme: str
+    meaning: str
+
+
+@dataclass(frozen=True)
 class Label:
-    """One segmentation class: its value in label volumes, its name and its overlay colour."""
+    """One segmentation class: its value in label volumes, names, overlay colour and DICOM SEG coding."""
 
     value: int
     name: str
     display: str
     color: tuple[int, int, int]
+    category: Code | None = None  # Segmented Property Category
+    type: Code | None = None  # Segmented Property Type
+    region: Code | None = None  # Anatomic Region, where the type alone does not say it
 
 
 @dataclass(frozen=True)
@@ -128,10 +140,12 @@ class Spec:
 
 
 def _build() -> Spec:
+    liver = Code("10200004", "SCT", "Liver")
     labels = (
         Label(0, "background", "Background", (0, 0, 0)),
-        Label(1, "liver", "Liver", (60, 200, 90)),
-        Label(2, "liver_tumor", "Liver tumor", (235, 60, 50)),
+        Label(1, "liver", "Liver", (60, 200, 90), Code("91723000", "SCT", "Anatomical Structure"), liver),
+        Label(2, "liver_tumor", "Liver tumor", (235, 60, 50),
+              Code("49755003", "SCT", "Morphologically Abnormal Structure"), Code("108369006", "SCT", "Neoplasm"), liver),
     )
     net = Network()
     ct = Tensor("CT", "INT16", (-1, -1, -1))

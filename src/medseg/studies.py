@@ -234,6 +234,8 @@ def write_dicom_series(phantom: Any, folder: Path) -> list[Path]:
         ds.StudyTime = ds.SeriesTime = "120000"
         ds.StudyID, ds.SeriesNumber, ds.InstanceNumber = "1", 1, k + 1
         ds.Modality, ds.Manufacturer = "CT", "medseg phantom"
+        ds.ReferringPhysicianName, ds.AcquisitionNumber = "", 1
+        ds.PatientPosition, ds.BodyPartExamined = "FFS", "ABDOMEN"
         ds.SeriesDescription = "medseg synthetic abdomen"
         ds.ImageType = ["ORIGINAL", "PRIMARY", "AXIAL"]
         ds.PositionReferenceIndicator = ""

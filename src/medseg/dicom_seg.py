@@ -1,0 +1,83 @@
+"""DICOM SEG output (highdicom): one segment per label, referencing the source CT series.
+
+Each segment carries its coded anatomy from the spec, Segment Algorithm Type AUTOMATIC and the
+algorithm's identification: name, model version, and the weights' and ONNX model's sha256.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from medseg.spec import SPEC, Code
+
+MANUFACTURER = "medseg"
+
+
+def _concept(code: Code) -> Any:
+    from highdicom.sr.coding import CodedConcept
+
+    return CodedConcept(code.value, code.scheme, code.meaning)
+
+
+def build_seg(source_files: list[Path], labels_native: np.ndarray, provenance: dict[str, Any]) -> Any:
+    """A binary Segmentation of ``labels_native`` ((i, j, k) = (column, row, slice), slices in the
+    order of ``source_files``)."""
+    import highdicom as hd
+    import pydicom
+    from pydicom.sr.codedict import codes
+
+    sources = [pydicom.dcmread(p) for p in source_files]
+    if labels_native.shape != (int(sources[0].Columns), int(sources[0].Rows), len(sources)):
+        raise ValueError(f"labels of shape {labels_native.shape} do not fit {len(sources)} slices of "
+                         f"{sources[0].Rows}x{sources[0].Columns}")
+    algorithm = hd.AlgorithmIdentificationSequence(
+        name=f"medseg {provenance.get('ensemble', SPEC.ensemble.name)}",
+        family=codes.cid7162.ArtificialIntelligence,
+        version=f"model {provenance.get('version', SPEC.segmenter.version)}, spec {SPEC.version}",
+        source=MANUFACTURER,
+        parameters={"weights_sha256": str(provenance.get("weights_sha256", "")),
+                    "onnx_sha256": str(provenance.get("onnx_sha256", ""))},
+    )
+    segments = [label for label in SPEC.labels if label.value != 0]
+    descriptions = [
+        hd.seg.SegmentDescription(
+            segment_number=n,
+            segment_label=label.display,
+            segmented_property_category=_concept(label.category),  # type: ignore[arg-type]
+            segmented_property_type=_concept(label.type),  # type: ignore[arg-type]
+            algorithm_type=hd.seg.SegmentAlgorithmTypeValues.AUTOMATIC,
+            algorithm_identification=algorithm,
+            tracking_uid=hd.UID(),
+            tracking_id=f"{label.name}",
+            anatomic_regions=[_concept(label.region)] if label.region and label.region != label.type else None,
+        )
+        for n, label in enumerate(segments, start=1)
+    ]
+    # (slices, rows, columns, segments) binary masks, slices in source order
+    frames = labels_native.transpose(2, 1, 0)
+    mask = np.stack([frames == label.value for label in segments], axis=-1).astype(np.uint8)
+    first = sources[0]
+    return hd.seg.Segmentation(
+        source_images=sources,
+        pixel_array=mask,
+        segmentation_type=hd.seg.SegmentationTypeValues.BINARY,
+        segment_descriptions=descriptions,
+        series_instance_uid=hd.UID(),
+        series_number=int(first.get("SeriesNumber", 0) or 0) + 1000,
+        sop_instance_uid=hd.UID(),
+        instance_number=1,
+        manufacturer=MANUFACTURER,
+        manufacturer_model_name=SPEC.ensemble.name,
+        software_versions=f"medseg {SPEC.version}",
+        device_serial_number=str(provenance.get("weights_sha256", "unknown"))[:16],
+        series_description="medseg liver and liver tumor",
+        omit_empty_frames=False,
+    )
+
+
+def write_seg(path: Path, source_files: list[Path], labels_native: np.ndarray, provenance: dict[str, Any]) -> None:
+    """Build and save the SEG."""
+    build_seg(source_files, labels_native, provenance).save_as(path)

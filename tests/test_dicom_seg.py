@@ -1,0 +1,72 @@
+"""DICOM SEG out: references the source series, codes its segments, passes dciodvfy."""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+from pathlib import Path
+
+import numpy as np
+import pydicom
+import pytest
+
+from medseg.dicom_seg import write_seg
+from medseg.phantom import Phantom
+from medseg.spec import SPEC
+from medseg.studies import read_study, write_phantom
+
+PROVENANCE = {"ensemble": SPEC.ensemble.name, "version": 1, "weights_sha256": "a" * 64, "onnx_sha256": "b" * 64}
+
+
+def dciodvfy_errors(path: Path) -> list[str]:
+    """Error lines of the DICOM validator (dicom3tools) on ``path``."""
+    out = subprocess.run(["dciodvfy", str(path)], capture_output=True, text=True, timeout=120)
+    return [line for line in (out.stdout + out.stderr).splitlines() if line.startswith("Error")]
+
+
+needs_dciodvfy = pytest.mark.skipif(shutil.which("dciodvfy") is None,
+                                    reason="dciodvfy not installed (Debian dicom3tools; `make sysdeps`)")
+
+
+@pytest.fixture(scope="module")
+def series(small_phantom: Phantom, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    out = tmp_path_factory.mktemp("series")
+    write_phantom(small_phantom, out, "dicom")
+    return out / "dicom"
+
+
+def test_seg_references_the_source_series_and_codes_each_label(series: Path, small_phantom: Phantom, tmp_path: Path) -> None:
+    study = read_study(series)
+    write_seg(tmp_path / "seg.dcm", study.dicom_files, study.to_native(small_phantom.labels), PROVENANCE)
+    seg = pydicom.dcmread(tmp_path / "seg.dcm")
+    src = pydicom.dcmread(study.dicom_files[0])
+    assert seg.Modality == "SEG" and seg.StudyInstanceUID == src.StudyInstanceUID
+    assert seg.ReferencedSeriesSequence[0].SeriesInstanceUID == src.SeriesInstanceUID
+    assert seg.FrameOfReferenceUID == src.FrameOfReferenceUID
+    segments = seg.SegmentSequence
+    assert [s.SegmentLabel for s in segments] == [lab.display for lab in SPEC.labels[1:]]
+    for s, lab in zip(segments, SPEC.labels[1:], strict=True):
+        assert s.SegmentAlgorithmType == "AUTOMATIC"
+        assert s.SegmentedPropertyTypeCodeSequence[0].CodeValue == lab.type.value  # type: ignore[union-attr]
+        algo = s.SegmentationAlgorithmIdentificationSequence[0]
+        params = str(algo.AlgorithmParameters)
+        assert PROVENANCE["weights_sha256"] in params and PROVENANCE["onnx_sha256"] in params
+
+
+def test_seg_frames_hold_the_labels_slice_by_slice(series: Path, small_phantom: Phantom, tmp_path: Path) -> None:
+    import highdicom as hd
+
+    study = read_study(series)
+    write_seg(tmp_path / "seg.dcm", study.dicom_files, study.to_native(small_phantom.labels), PROVENANCE)
+    seg = hd.seg.segread(tmp_path / "seg.dcm")
+    uids = [pydicom.dcmread(p).SOPInstanceUID for p in study.dicom_files]
+    liver = seg.get_pixels_by_source_instance(uids, segment_numbers=[1], combine_segments=False)[..., 0]
+    assert np.array_equal(liver.astype(bool), small_phantom.labels == SPEC.label("liver").value)
+
+
+@needs_dciodvfy
+def test_every_seg_and_phantom_slice_we_write_passes_dciodvfy(series: Path, small_phantom: Phantom, tmp_path: Path) -> None:
+    study = read_study(series)
+    write_seg(tmp_path / "seg.dcm", study.dicom_files, study.to_native(small_phantom.labels), PROVENANCE)
+    assert dciodvfy_errors(tmp_path / "seg.dcm") == []
+    assert dciodvfy_errors(study.dicom_files[0]) == []
