@@ -81,3 +81,28 @@ def test_unreadable_inputs_are_refused_by_name(tmp_path: Path) -> None:
         read_study(tmp_path / "broken.nii.gz")
     with pytest.raises(StudyError, match="expected a DICOM series folder"):
         read_study(tmp_path / "notdicom" / "a.txt")
+
+
+def test_a_folder_with_two_series_and_a_localizer_reads_the_largest_or_the_one_asked(tmp_path: Path) -> None:
+    import pydicom
+
+    big = generate(21, num_slices=90, slice_thickness=4.0)
+    small = generate(22, num_slices=80, slice_thickness=4.0)
+    write_phantom(big, tmp_path / "a", "dicom")
+    write_phantom(small, tmp_path / "b", "dicom")
+    mixed = tmp_path / "mixed"
+    mixed.mkdir()
+    for i, f in enumerate(sorted((tmp_path / "a" / "dicom").iterdir()) + sorted((tmp_path / "b" / "dicom").iterdir())):
+        f.rename(mixed / f"{i:05d}")
+    # a localizer in the larger series must not count as a slice
+    scout = pydicom.dcmread(mixed / "00000")
+    scout.ImageType = ["ORIGINAL", "PRIMARY", "LOCALIZER"]
+    scout.ImagePositionPatient = [0, 0, 9999]
+    scout.SOPInstanceUID = pydicom.uid.generate_uid()
+    scout.save_as(mixed / "scout")
+    study = read_study(mixed)
+    assert np.array_equal(study.ct, big.ct) and "largest of 2" in study.note
+    small_uid = pydicom.dcmread(mixed / "00090").SeriesInstanceUID
+    assert np.array_equal(read_study(mixed, small_uid).ct, small.ct)
+    with pytest.raises(StudyError, match=r"no CT series 1\.2\.3"):
+        read_study(mixed, "1.2.3")

@@ -128,6 +128,15 @@ def test_segment_command_writes_labels_seg_preview_and_findings(server: Any, tmp
         assert im.format == "PNG" and im.width >= 2 * im.height // 2
     doc = json.loads((out / "findings.json").read_text())
     assert doc["model"]["weights_sha256"] == weights_info().sha256
+    # no patient identifier in what we print, log or write as findings
+    import pydicom
+
+    src = pydicom.dcmread(next((tmp_path / "study" / "dicom").iterdir()))
+    identifiers = [str(src.PatientName), str(src.PatientID), str(src.AccessionNumber)]
+    texts = {"stdout": r.stdout, "stderr": r.stderr, "server log": server.log_file.read_text(),
+             "findings.json": (out / "findings.json").read_text()}
+    leaks = [(where, ident) for where, text in texts.items() for ident in identifiers if ident in text]
+    assert leaks == []
     assert {"request_s", "preprocess_s", "segmenter_s", "postprocess_s", "total_s"} <= doc["timings_s"].keys()
     assert dice(np.asanyarray(labels.dataobj) > 0, np.asanyarray(truth.dataobj) > 0) >= 0.90
 

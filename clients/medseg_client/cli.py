@@ -49,7 +49,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
 def cmd_segment(args: argparse.Namespace) -> int:
     from medseg_client.segment import segment_to_dir
 
-    doc = segment_to_dir(args.url, args.input, args.out, args.model_name, args.timeout)
+    doc = segment_to_dir(args.url, args.input, args.out, args.model_name, args.timeout, args.series)
     print(summary(doc))
     print(f"wrote {args.out}/labels.nii.gz and findings.json")
     return 0
@@ -99,6 +99,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--timeout", type=float, default=300.0, help="seconds for the request")
     p.add_argument("input", type=Path)
     p.add_argument("--out", type=Path, required=True)
+    p.add_argument("--series", default=None, help="SeriesInstanceUID to read from a folder holding several")
     p.set_defaults(func=cmd_segment)
 
     p = sub.add_parser("demo", help="serve, segment an unseen phantom, compare with its ground truth, stop")

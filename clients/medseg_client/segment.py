@@ -28,21 +28,25 @@ def findings_document(study: Study, source: Path, result_findings: dict[str, Any
         tumor["centroid_lps_mm"] = study.lps_mm(tumor["centroid_voxel_zyx"])
     return {
         "model": model,
-        "input": {"name": source.name, "format": study.source, "shape_zyx": list(study.ct.shape),
+        "input": {"name": source.name, "format": study.source, "series_instance_uid": study.series_uid or None,
+                  "shape_zyx": list(study.ct.shape),
                   "spacing_zyx_mm": [round(s, 4) for s in study.spacing]},
         "findings": findings,
         "timings_s": timings,
     }
 
 
-def segment_to_dir(url: str, source: Path, out: Path, model_name: str, timeout_s: float) -> dict[str, Any]:
+def segment_to_dir(url: str, source: Path, out: Path, model_name: str, timeout_s: float,
+                   series_uid: str | None = None) -> dict[str, Any]:
     """Segment ``source`` (DICOM folder or NIfTI); write labels.nii.gz, findings.json, preview.png and, for
     DICOM input, seg.dcm into ``out``.
 
     Outputs are staged in a temporary folder beside ``out`` and moved in only when all are written.
     """
     t0 = time.perf_counter()
-    study = read_study(source)
+    study = read_study(source, series_uid)
+    if study.note:
+        print(f"reading {study.note}", flush=True)
     t_read = time.perf_counter() - t0
     with SegmentationClient(url, model_name=model_name, timeout_s=timeout_s) as client:
         result = client.segment(study.ct, study.spacing)

@@ -34,6 +34,8 @@ class Study:
     ornt: np.ndarray  # nibabel orientation transform from native (i, j, k) to canonical (x, y, z)
     source: str  # "nifti" or "dicom"
     dicom_files: list[Path] = field(default_factory=list)  # sorted source slices (DICOM input)
+    series_uid: str = ""  # the DICOM series read
+    note: str = ""  # how the series was chosen, for the user
 
     def to_native(self, labels_zyx: np.ndarray) -> np.ndarray:
         """A (z, y, x) canonical label volume in the source's (i, j, k) voxel order."""
@@ -95,8 +97,9 @@ def read_nifti(path: Path) -> Study:
     return _canonical(_to_hu_int16(data, path.name), np.asarray(affine, np.float64), "nifti")
 
 
-def read_dicom_series(folder: Path) -> Study:
-    """The largest CT series in a folder: slices sorted along the slice normal, rescaled to HU."""
+def read_dicom_series(folder: Path, series_uid: str | None = None) -> Study:
+    """A CT series from a folder (``series_uid``, or else the one with most slices), localizers dropped,
+    slices sorted along the slice normal (never by file name or InstanceNumber), rescaled to HU."""
     import pydicom
 
     files = sorted(p for p in folder.rglob("*") if p.is_file())
@@ -112,10 +115,22 @@ def read_dicom_series(folder: Path) -> Study:
             continue
         if str(ds.get("Modality", "")) != "CT" or "ImagePositionPatient" not in ds:
             continue
+        if "LOCALIZER" in [str(v).upper() for v in ds.get("ImageType", [])]:
+            continue
         series.setdefault(str(ds.get("SeriesInstanceUID", "")), []).append((p, ds))
     if not series:
         raise StudyError(f"{folder}: no CT image slices found among {len(files)} files")
-    slices = max(series.values(), key=len)
+    if series_uid is not None:
+        if series_uid not in series:
+            raise StudyError(f"{folder}: no CT series {series_uid}; found {len(series)}: " + ", ".join(
+                f"{uid} ({len(v)} slices)" for uid, v in sorted(series.items())))
+        chosen = series_uid
+    else:
+        chosen = max(series, key=lambda uid: len(series[uid]))
+    slices = series[chosen]
+    others = len(series) - 1
+    note = f"series {chosen} ({len(slices)} slices)" + (
+        f", picked as the largest of {len(series)} CT series (choose with --series)" if others and series_uid is None else "")
     if len(slices) < 2:
         raise StudyError(f"{folder}: the CT series has {len(slices)} slice; at least 2 are needed")
     first = slices[0][1]
@@ -156,7 +171,9 @@ def read_dicom_series(folder: Path) -> Study:
     lps[:3, 2] = normal * dz
     lps[:3, 3] = origin
     native = volume.transpose(2, 1, 0)  # (i=column, j=row, k=slice)
-    return _canonical(native, _RAS_FROM_LPS @ lps, "dicom", [t[1] for t in positions])
+    study = _canonical(native, _RAS_FROM_LPS @ lps, "dicom", [t[1] for t in positions])
+    study.series_uid, study.note = chosen, note
+    return study
 
 
 def _has_pixel_data(path: Path) -> bool:
@@ -168,12 +185,12 @@ def _has_pixel_data(path: Path) -> bool:
         return False
 
 
-def read_study(path: Path) -> Study:
-    """A DICOM series folder or a NIfTI file."""
+def read_study(path: Path, series_uid: str | None = None) -> Study:
+    """A DICOM series folder (optionally one series of it) or a NIfTI file."""
     if not path.exists():
         raise StudyError(f"{path}: no such file or folder")
     if path.is_dir():
-        return read_dicom_series(path)
+        return read_dicom_series(path, series_uid)
     if path.name.endswith((".nii", ".nii.gz")):
         return read_nifti(path)
     raise StudyError(f"{path.name}: expected a DICOM series folder or a .nii/.nii.gz file")
