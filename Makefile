@@ -7,11 +7,12 @@ WEIGHTS := export/weights/ct_liver_unet.fp16.pt export/weights/manifest.json
 
 .PHONY: venv sysdeps artifacts configs demo test test-unit test-server test-slow lint bench weights clean
 
-# Debian tools the tests use as oracles (dciodvfy validates every DICOM object we write)
+# Debian tools the tests use as oracles: dciodvfy validates every DICOM object we write,
+# dcmtk's dcmcjpeg makes JPEG-lossless series (no Python encoder exists)
 sysdeps:
-	@command -v dciodvfy >/dev/null || { if [ "$$(id -u)" = 0 ]; then \
-	  (apt-get update -qq && apt-get install -y -qq dicom3tools) >/dev/null; \
-	  else echo "dciodvfy missing: sudo apt-get install dicom3tools (tests that need it will skip)"; fi; }
+	@{ command -v dciodvfy && command -v dcmcjpeg; } >/dev/null || { if [ "$$(id -u)" = 0 ]; then \
+	  (apt-get update -qq && apt-get install -y -qq dicom3tools dcmtk) >/dev/null; \
+	  else echo "missing: sudo apt-get install dicom3tools dcmtk (tests that need them will skip)"; fi; }
 
 venv: $(STAMP)
 $(STAMP): pyproject.toml

@@ -106,3 +106,39 @@ def test_a_folder_with_two_series_and_a_localizer_reads_the_largest_or_the_one_a
     assert np.array_equal(read_study(mixed, small_uid).ct, small.ct)
     with pytest.raises(StudyError, match=r"no CT series 1\.2\.3"):
         read_study(mixed, "1.2.3")
+
+
+def _compress_series(folder: Path, syntax: str) -> None:
+    import shutil
+    import subprocess
+
+    import pydicom
+    from pydicom.uid import DeflatedExplicitVRLittleEndian, JPEGLosslessSV1
+
+    for f in sorted(folder.iterdir()):
+        if syntax == JPEGLosslessSV1:
+            if shutil.which("dcmcjpeg") is None:
+                pytest.skip("dcmcjpeg (Debian dcmtk) is needed to write JPEG lossless; `make sysdeps`")
+            subprocess.run(["dcmcjpeg", "+e1", str(f), str(f)], check=True, capture_output=True, timeout=60)
+            continue
+        ds = pydicom.dcmread(f)
+        if syntax == DeflatedExplicitVRLittleEndian:
+            ds.file_meta.TransferSyntaxUID = syntax
+            ds.save_as(f, enforce_file_format=True)
+        else:
+            ds.compress(syntax)
+            ds.save_as(f)
+
+
+@pytest.mark.parametrize("syntax", ["1.2.840.10008.1.2.5", "1.2.840.10008.1.2.4.80", "1.2.840.10008.1.2.4.90",
+                                    "1.2.840.10008.1.2.4.70", "1.2.840.10008.1.2.1.99"],
+                         ids=["RLE", "JPEG-LS", "JPEG2000", "JPEG-lossless", "deflate"])
+def test_compressed_series_decode_to_the_same_volume(syntax: str, tmp_path: Path) -> None:
+    import pydicom
+
+    ph = generate(23, num_slices=80, slice_thickness=4.0)
+    write_phantom(ph, tmp_path, "dicom")
+    _compress_series(tmp_path / "dicom", syntax)
+    first = pydicom.dcmread(next((tmp_path / "dicom").iterdir()), stop_before_pixels=True)
+    assert first.file_meta.TransferSyntaxUID == syntax
+    assert np.array_equal(read_study(tmp_path / "dicom").ct, ph.ct)
