@@ -142,3 +142,29 @@ def test_compressed_series_decode_to_the_same_volume(syntax: str, tmp_path: Path
     first = pydicom.dcmread(next((tmp_path / "dicom").iterdir()), stop_before_pixels=True)
     assert first.file_meta.TransferSyntaxUID == syntax
     assert np.array_equal(read_study(tmp_path / "dicom").ct, ph.ct)
+
+
+@pytest.mark.parametrize("damage", ["truncate_pixels", "bad_position", "huge_rows", "bad_slope", "garbage_file"])
+def test_a_damaged_slice_is_refused_by_file_name(damage: str, tmp_path: Path) -> None:
+    import pydicom
+
+    ph = generate(24, num_slices=80, slice_thickness=4.0)
+    write_phantom(ph, tmp_path, "dicom")
+    victim = sorted((tmp_path / "dicom").iterdir())[40]
+    ds = pydicom.dcmread(victim)
+    if damage == "truncate_pixels":
+        ds.PixelData = ds.PixelData[: len(ds.PixelData) // 3]
+    elif damage == "bad_position":
+        ds.ImagePositionPatient = ["nan", "0", "0"]
+    elif damage == "huge_rows":
+        ds.Rows = 60000
+    elif damage == "bad_slope":
+        ds.RescaleSlope = "0"
+    if damage == "garbage_file":
+        victim.write_bytes(victim.read_bytes()[:2000])
+        match = "CT0041|slice|pixel|readable"
+    else:
+        ds.save_as(victim)
+        match = victim.name
+    with pytest.raises(StudyError, match=match):
+        read_study(tmp_path / "dicom")

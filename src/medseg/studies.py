@@ -18,6 +18,7 @@ import numpy as np
 from medseg.errors import StudyError
 
 HU_MIN, HU_MAX = -1024, 3071
+MAX_MATRIX = 4096  # rows or columns of one slice
 CT_IMAGE_STORAGE = "1.2.840.10008.5.1.4.1.1.2"  # CT Image Storage SOP class
 _LPS = ("L", "P", "S")
 _RAS_FROM_LPS = np.diag([-1.0, -1.0, 1.0, 1.0])
@@ -141,9 +142,18 @@ def read_dicom_series(folder: Path, series_uid: str | None = None) -> Study:
         dr, dc = (float(v) for v in first.PixelSpacing)
     except Exception as e:
         raise StudyError(f"{slices[0][0].name}: missing or invalid ImageOrientationPatient/PixelSpacing") from e
+    if not (np.isfinite(iop).all() and abs(np.linalg.norm(normal) - 1) < 1e-2 and dr > 0 and dc > 0
+            and np.isfinite([dr, dc]).all()):
+        raise StudyError(f"{slices[0][0].name}: ImageOrientationPatient or PixelSpacing is degenerate "
+                         f"(orientation {iop.tolist()}, spacing {dr} x {dc} mm)")
     positions = []
     for p, ds in slices:
-        ipp = np.array([float(v) for v in ds.ImagePositionPatient], np.float64)
+        try:
+            ipp = np.array([float(v) for v in ds.ImagePositionPatient], np.float64)
+            if ipp.shape != (3,) or not np.isfinite(ipp).all():
+                raise ValueError(ipp)
+        except (ValueError, TypeError) as e:
+            raise StudyError(f"{p.name}: ImagePositionPatient is not three finite numbers") from e
         positions.append((float(ipp @ normal), p, ds, ipp))
     positions.sort(key=lambda t: t[0])
     z = np.array([t[0] for t in positions])
@@ -153,16 +163,12 @@ def read_dicom_series(folder: Path, series_uid: str | None = None) -> Study:
     dz = float(np.median(gaps))
     if np.abs(gaps - dz).max() > 0.01 * dz + 0.01:
         raise StudyError(f"{folder}: slice spacing is uneven ({gaps.min():.3f} to {gaps.max():.3f} mm)")
-    rows, cols = int(first.Rows), int(first.Columns)
+    rows, cols = int(first.get("Rows", 0) or 0), int(first.get("Columns", 0) or 0)
+    if not (0 < rows <= MAX_MATRIX and 0 < cols <= MAX_MATRIX):
+        raise StudyError(f"{slices[0][0].name}: image matrix {rows}x{cols} is outside 1..{MAX_MATRIX}")
     volume = np.empty((len(positions), rows, cols), np.int16)
     for k, (_, p, _, _) in enumerate(positions):
-        ds = pydicom.dcmread(p)
-        if int(ds.Rows) != rows or int(ds.Columns) != cols:
-            raise StudyError(f"{p.name}: slice is {ds.Rows}x{ds.Columns}, the series {rows}x{cols}")
-        pixels = ds.pixel_array.astype(np.float64)
-        slope = float(ds.get("RescaleSlope", 1.0))
-        intercept = float(ds.get("RescaleIntercept", 0.0))
-        volume[k] = _to_hu_int16(pixels * slope + intercept, p.name)
+        volume[k] = _slice_hu(p, rows, cols)
     # affine from (column i, row j, slice k) index to LPS, then to RAS for the orientation code
     origin = positions[0][3]
     lps = np.eye(4)
@@ -174,6 +180,41 @@ def read_dicom_series(folder: Path, series_uid: str | None = None) -> Study:
     study = _canonical(native, _RAS_FROM_LPS @ lps, "dicom", [t[1] for t in positions])
     study.series_uid, study.note = chosen, note
     return study
+
+
+def _slice_hu(path: Path, rows: int, cols: int) -> np.ndarray:
+    """One slice's pixels in HU, or a StudyError naming the file and what is wrong with it."""
+    import pydicom
+
+    try:
+        ds = pydicom.dcmread(path)
+    except Exception as e:
+        raise StudyError(f"{path.name}: not a readable DICOM file ({type(e).__name__})") from e
+    if int(ds.get("Rows", 0) or 0) != rows or int(ds.get("Columns", 0) or 0) != cols:
+        raise StudyError(f"{path.name}: slice is {ds.get('Rows')}x{ds.get('Columns')}, the series {rows}x{cols}")
+    if int(ds.get("SamplesPerPixel", 1) or 1) != 1 or int(ds.get("NumberOfFrames", 1) or 1) != 1:
+        raise StudyError(f"{path.name}: expected one grayscale frame per file")
+    try:
+        pixels = ds.pixel_array
+    except Exception as e:  # pixel-data handlers raise many types for corrupt or unsupported data
+        syntax = getattr(getattr(ds, "file_meta", None), "TransferSyntaxUID", "unknown")
+        raise StudyError(f"{path.name}: pixel data could not be decoded (transfer syntax {syntax}: "
+                         f"{type(e).__name__})") from e
+    if pixels.shape != (rows, cols):
+        raise StudyError(f"{path.name}: decoded pixels have shape {pixels.shape}, expected {(rows, cols)}")
+    try:
+        slope = _number(ds.get("RescaleSlope"), 1.0)
+        intercept = _number(ds.get("RescaleIntercept"), 0.0)
+    except (TypeError, ValueError) as e:
+        raise StudyError(f"{path.name}: RescaleSlope/RescaleIntercept are not numbers") from e
+    if not (np.isfinite(slope) and np.isfinite(intercept) and slope != 0):
+        raise StudyError(f"{path.name}: rescale slope {slope} / intercept {intercept} are not usable")
+    return _to_hu_int16(pixels.astype(np.float64) * slope + intercept, path.name)
+
+
+def _number(value: Any, default: float) -> float:
+    """A DS value as float; ``default`` only when the element is absent or empty."""
+    return default if value is None or value == "" else float(value)
 
 
 def _has_pixel_data(path: Path) -> bool:
