@@ -98,27 +98,39 @@ def read_nifti(path: Path) -> Study:
     return _canonical(_to_hu_int16(data, path.name), np.asarray(affine, np.float64), "nifti")
 
 
+def _quiet_pydicom() -> None:
+    """pydicom's reading-validation warnings quote element values (names, IDs): never let them reach a log."""
+    from pydicom import config
+
+    config.settings.reading_validation_mode = config.IGNORE
+
+
 def read_dicom_series(folder: Path, series_uid: str | None = None) -> Study:
     """A CT series from a folder (``series_uid``, or else the one with most slices), localizers dropped,
     slices sorted along the slice normal (never by file name or InstanceNumber), rescaled to HU."""
     import pydicom
 
+    _quiet_pydicom()
     files = sorted(p for p in folder.rglob("*") if p.is_file())
     if not files:
         raise StudyError(f"{folder}: no files found")
     series: dict[str, list[tuple[Path, Any]]] = {}
     for p in files:
         try:
-            ds = pydicom.dcmread(p, stop_before_pixels=True)
-        except Exception:
+            ds = pydicom.dcmread(p, defer_size=4096)  # header now, pixel data when needed
+        except Exception as e:
+            if _claims_dicom(p):
+                raise StudyError(f"{p.name}: DICOM file could not be parsed ({type(e).__name__})") from e
             continue  # not DICOM: other files may sit beside a series
-        if "PixelData" not in ds and not _has_pixel_data(p):
-            continue
-        if str(ds.get("Modality", "")) != "CT" or "ImagePositionPatient" not in ds:
-            continue
-        if "LOCALIZER" in [str(v).upper() for v in ds.get("ImageType", [])]:
-            continue
-        series.setdefault(str(ds.get("SeriesInstanceUID", "")), []).append((p, ds))
+        try:
+            if "PixelData" not in ds or str(ds.get("Modality", "")) != "CT" or "ImagePositionPatient" not in ds:
+                continue
+            if "LOCALIZER" in [str(v).upper() for v in ds.get("ImageType", [])]:
+                continue
+            uid = str(ds.get("SeriesInstanceUID", ""))
+        except Exception as e:  # pydicom decodes elements lazily: a damaged one raises on access
+            raise StudyError(f"{p.name}: DICOM header could not be decoded ({type(e).__name__})") from e
+        series.setdefault(uid, []).append((p, ds))
     if not series:
         raise StudyError(f"{folder}: no CT image slices found among {len(files)} files")
     if series_uid is not None:
@@ -152,7 +164,7 @@ def read_dicom_series(folder: Path, series_uid: str | None = None) -> Study:
             ipp = np.array([float(v) for v in ds.ImagePositionPatient], np.float64)
             if ipp.shape != (3,) or not np.isfinite(ipp).all():
                 raise ValueError(ipp)
-        except (ValueError, TypeError) as e:
+        except Exception as e:
             raise StudyError(f"{p.name}: ImagePositionPatient is not three finite numbers") from e
         positions.append((float(ipp @ normal), p, ds, ipp))
     positions.sort(key=lambda t: t[0])
@@ -163,7 +175,7 @@ def read_dicom_series(folder: Path, series_uid: str | None = None) -> Study:
     dz = float(np.median(gaps))
     if np.abs(gaps - dz).max() > 0.01 * dz + 0.01:
         raise StudyError(f"{folder}: slice spacing is uneven ({gaps.min():.3f} to {gaps.max():.3f} mm)")
-    rows, cols = int(first.get("Rows", 0) or 0), int(first.get("Columns", 0) or 0)
+    rows, cols = _header_int(first, "Rows", slices[0][0]), _header_int(first, "Columns", slices[0][0])
     if not (0 < rows <= MAX_MATRIX and 0 < cols <= MAX_MATRIX):
         raise StudyError(f"{slices[0][0].name}: image matrix {rows}x{cols} is outside 1..{MAX_MATRIX}")
     volume = np.empty((len(positions), rows, cols), np.int16)
@@ -187,12 +199,17 @@ def _slice_hu(path: Path, rows: int, cols: int) -> np.ndarray:
     import pydicom
 
     try:
-        ds = pydicom.dcmread(path)
-    except Exception as e:
-        raise StudyError(f"{path.name}: not a readable DICOM file ({type(e).__name__})") from e
-    if int(ds.get("Rows", 0) or 0) != rows or int(ds.get("Columns", 0) or 0) != cols:
+        return _decode_slice(pydicom.dcmread(path), path, rows, cols)
+    except StudyError:
+        raise
+    except Exception as e:  # a damaged element raises on access; name the file, keep the traceback as cause
+        raise StudyError(f"{path.name}: not a readable CT slice ({type(e).__name__})") from e
+
+
+def _decode_slice(ds: Any, path: Path, rows: int, cols: int) -> np.ndarray:
+    if _header_int(ds, "Rows", path) != rows or _header_int(ds, "Columns", path) != cols:
         raise StudyError(f"{path.name}: slice is {ds.get('Rows')}x{ds.get('Columns')}, the series {rows}x{cols}")
-    if int(ds.get("SamplesPerPixel", 1) or 1) != 1 or int(ds.get("NumberOfFrames", 1) or 1) != 1:
+    if _header_int(ds, "SamplesPerPixel", path, 1) != 1 or _header_int(ds, "NumberOfFrames", path, 1) != 1:
         raise StudyError(f"{path.name}: expected one grayscale frame per file")
     try:
         pixels = ds.pixel_array
@@ -212,18 +229,30 @@ def _slice_hu(path: Path, rows: int, cols: int) -> np.ndarray:
     return _to_hu_int16(pixels.astype(np.float64) * slope + intercept, path.name)
 
 
+def _header_int(ds: Any, keyword: str, path: Path, default: int = 0) -> int:
+    """An integer header element, or a StudyError naming the file and the element."""
+    value = ds.get(keyword)
+    if value is None or value == "":
+        return default
+    try:
+        return int(value)
+    except (TypeError, ValueError) as e:
+        raise StudyError(f"{path.name}: {keyword} is not an integer") from e
+
+
 def _number(value: Any, default: float) -> float:
     """A DS value as float; ``default`` only when the element is absent or empty."""
     return default if value is None or value == "" else float(value)
 
 
-def _has_pixel_data(path: Path) -> bool:
-    import pydicom
-
+def _claims_dicom(path: Path) -> bool:
+    """True if the file has the DICOM Part 10 marker: then failing to parse it is an error, not noise."""
     try:
-        return "PixelData" in pydicom.dcmread(path)
-    except Exception:
+        with open(path, "rb") as f:
+            head = f.read(132)
+    except OSError:
         return False
+    return head[128:132] == b"DICM"
 
 
 def read_study(path: Path, series_uid: str | None = None) -> Study:
