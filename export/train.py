@@ -20,6 +20,7 @@ from typing import Any
 
 import numpy as np
 
+from export.augment import RandSyntheticTumord
 from export.data import PHANTOM_RECIPE, load_cases
 from medseg.metrics import dice
 from medseg.network import MANIFEST_FILE, WEIGHTS_FILE, build_network, sha256_of
@@ -56,7 +57,8 @@ def validate(model: Any, cases: list[tuple[np.ndarray, np.ndarray]]) -> dict[str
 
 
 def train(epochs: int, iters_per_epoch: int, out: Path, seed: int, lr: float, init: Path | None = None,
-          class_ratios: tuple[float, ...] = (1, 2, 3), ce_weights: tuple[float, ...] = (1, 1, 1)) -> dict[str, Any]:
+          class_ratios: tuple[float, ...] = (1, 2, 3), ce_weights: tuple[float, ...] = (1, 1, 1),
+          synthetic_tumors: float = 0.0) -> dict[str, Any]:
     """Run the training and write weights + manifest to ``out``; returns the manifest."""
     import torch
     from monai.losses import DiceCELoss
@@ -73,6 +75,7 @@ def train(epochs: int, iters_per_epoch: int, out: Path, seed: int, lr: float, in
         SpatialPadd(keys=("image", "label"), spatial_size=PATCH),
         RandCropByLabelClassesd(keys=("image", "label"), label_key="label", spatial_size=PATCH,
                                 ratios=list(class_ratios), num_classes=SPEC.num_classes, num_samples=2),
+        RandSyntheticTumord(prob=synthetic_tumors, seed=seed),
         RandScaleIntensityd(keys="image", factors=0.1, prob=0.5),
         RandShiftIntensityd(keys="image", offsets=0.05, prob=0.5),
     ])
@@ -133,6 +136,7 @@ def train(epochs: int, iters_per_epoch: int, out: Path, seed: int, lr: float, in
         "data_recipe": {"generator": PHANTOM_RECIPE, "train_seeds": [TRAIN_SEEDS[0], TRAIN_SEEDS[-1]],
                         "val_seeds": [VAL_SEEDS[0], VAL_SEEDS[-1]], "patch": list(PATCH),
                         "class_ratios": list(class_ratios), "ce_weights": list(ce_weights),
+                        "synthetic_tumors": synthetic_tumors,
                         "preprocessing": "medseg.dali_pipeline.ct_preprocess (DALI, CPU)"},
         "epochs": epochs,
         "iters_per_epoch": iters_per_epoch,
@@ -143,7 +147,8 @@ def train(epochs: int, iters_per_epoch: int, out: Path, seed: int, lr: float, in
         "train_seconds": round(time.time() - t0, 1),
         "command": f"python -m export.train --epochs {epochs} --iters-per-epoch {iters_per_epoch} --seed {seed} --lr {lr}"
                    f" --class-ratios {' '.join(f'{r:g}' for r in class_ratios)}"
-                   f" --ce-weights {' '.join(f'{w:g}' for w in ce_weights)}" + (f" --init {init}" if init else ""),
+                   f" --ce-weights {' '.join(f'{w:g}' for w in ce_weights)} --synthetic-tumors {synthetic_tumors:g}"
+                   + (f" --init {init}" if init else ""),
         "initialized_from": None if init is None else {"file": init.name, "sha256": sha256_of(init)},
     }
     (out / MANIFEST_FILE.name).write_text(json.dumps(manifest, indent=2) + "\n")
@@ -160,12 +165,13 @@ def main() -> None:
     ap.add_argument("--init", type=Path, default=None, help="start from these weights (fp16 state dict)")
     ap.add_argument("--class-ratios", type=float, nargs=3, default=(1, 2, 3), help="patch centres per class")
     ap.add_argument("--ce-weights", type=float, nargs=3, default=(1, 1, 1), help="cross-entropy class weights")
+    ap.add_argument("--synthetic-tumors", type=float, default=0.0, help="probability of painting tumors into a patch")
     args = ap.parse_args()
     import torch
 
     torch.set_num_threads(max(1, torch.get_num_threads()))
     m = train(args.epochs, args.iters_per_epoch, args.out, args.seed, args.lr, args.init,
-              tuple(args.class_ratios), tuple(args.ce_weights))
+              tuple(args.class_ratios), tuple(args.ce_weights), args.synthetic_tumors)
     print(f"best epoch {m['best_epoch']}: val Dice liver {m['val_dice']['liver']:.4f} tumor {m['val_dice']['tumor']:.4f}")
     print(f"wrote {args.out / WEIGHTS_FILE.name} (sha256 {m['sha256'][:16]}...) and {MANIFEST_FILE.name}")
 

@@ -1,0 +1,61 @@
+"""Lesion synthesis for training: random hypodense tumors painted into the liver of a patch.
+
+The phantom data hold only a few dozen distinct tumors; without this the network memorises them.
+Tumors follow the phantom's own model: ellipsoids of 5-40 mm, 25-60 HU darker than the liver
+around them, a soft partial-volume edge and some noise, labelled as tumor only inside the liver.
+Works on preprocessed patches (windowed intensities on the model grid).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+
+from medseg.spec import SPEC
+
+LIVER = SPEC.label("liver").value
+TUMOR = SPEC.label("liver_tumor").value
+HU_PER_UNIT = SPEC.hu_window[1] - SPEC.hu_window[0]  # windowed intensity 1.0 spans the window
+
+
+def paint_tumor(image: np.ndarray, labels: np.ndarray, rng: np.random.Generator) -> bool:
+    """Paint one tumor into (1, Z, Y, X) ``image``/``labels`` in place; False if the patch has no liver."""
+    liver = np.argwhere(labels[0] == LIVER)
+    if len(liver) < 50:
+        return False
+    centre = liver[rng.integers(len(liver))].astype(np.float64)
+    diameter = rng.uniform(5.0, 40.0)
+    radii_mm = diameter / 2 * rng.uniform(0.85, 1.15, 3)
+    radii = radii_mm / np.asarray(SPEC.model_spacing)  # in voxels along z, y, x
+    lo = np.maximum(np.floor(centre - radii - 2), 0).astype(int)
+    hi = np.minimum(np.ceil(centre + radii + 3), labels.shape[1:]).astype(int)
+    zz, yy, xx = np.ogrid[lo[0] : hi[0], lo[1] : hi[1], lo[2] : hi[2]]
+    r = np.sqrt(((zz - centre[0]) / radii[0]) ** 2 + ((yy - centre[1]) / radii[1]) ** 2
+                + ((xx - centre[2]) / radii[2]) ** 2)
+    box = (0, slice(lo[0], hi[0]), slice(lo[1], hi[1]), slice(lo[2], hi[2]))
+    in_liver = labels[box] == LIVER
+    # soft edge about one model voxel wide, as resampling leaves a rendered tumor
+    edge = np.clip((1.0 - r) * min(radii) + 0.5, 0.0, 1.0)
+    delta = rng.uniform(25.0, 60.0) / HU_PER_UNIT
+    noise = 1.0 + 0.15 * rng.standard_normal(edge.shape)
+    image[box] = np.where(in_liver, image[box] - delta * edge * noise, image[box])
+    labels[box] = np.where(in_liver & (r <= 1.0), TUMOR, labels[box])
+    return True
+
+
+class RandSyntheticTumord:
+    """Dictionary transform: with probability ``prob`` paint 1-3 synthetic tumors into the liver."""
+
+    def __init__(self, prob: float = 0.5, seed: int = 0) -> None:
+        self.prob = prob
+        self.rng = np.random.default_rng(seed)
+
+    def __call__(self, data: dict[str, Any]) -> dict[str, Any]:
+        if self.rng.random() >= self.prob:
+            return data
+        image = np.array(data["image"], dtype=np.float32, copy=True)
+        labels = np.array(data["label"], copy=True)
+        for _ in range(int(self.rng.integers(1, 4))):
+            paint_tumor(image, labels, self.rng)
+        return {**data, "image": image, "label": labels}

@@ -1,0 +1,43 @@
+"""Training pieces: lesion synthesis and labels on the model grid."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from export.augment import HU_PER_UNIT, LIVER, TUMOR, RandSyntheticTumord, paint_tumor
+from export.data import labels_to_model_grid
+from medseg.spec import model_grid_shape
+
+
+def test_a_synthetic_tumor_is_darker_and_labelled_only_inside_the_liver() -> None:
+    image = np.full((1, 40, 60, 60), 0.6, np.float32)
+    labels = np.zeros((1, 40, 60, 60), np.uint8)
+    labels[0, 5:35, 10:50, 10:50] = LIVER
+    before = image.copy()
+    assert paint_tumor(image, labels, np.random.default_rng(1))
+    tumor = labels[0] == TUMOR
+    assert tumor.any() and not (tumor & (before[0] != 0.6)).any()
+    assert ((labels[0] == TUMOR) <= (labels[0] != 0)).all()
+    drop_hu = (before[0][tumor] - image[0][tumor]).mean() * HU_PER_UNIT
+    assert 10 < drop_hu < 80
+    outside = labels[0] == 0
+    assert np.array_equal(image[0][outside], before[0][outside])
+
+
+def test_no_liver_no_tumor() -> None:
+    image = np.zeros((1, 8, 8, 8), np.float32)
+    labels = np.zeros((1, 8, 8, 8), np.uint8)
+    out = RandSyntheticTumord(prob=1.0)({"image": image, "label": labels})
+    assert not (out["label"] == TUMOR).any()
+
+
+def test_labels_reach_the_model_grid_by_nearest_neighbour() -> None:
+    labels = np.zeros((20, 64, 64), np.uint8)
+    labels[5:15, 16:48, 16:48] = LIVER
+    spacing = (2.5, 0.75, 0.75)
+    grid = model_grid_shape(labels.shape, spacing)
+    out = labels_to_model_grid(labels, spacing, grid)
+    assert out.shape == grid
+    vol_in = (labels > 0).sum() * np.prod(spacing)
+    vol_out = (out > 0).sum() * 2.0 * 1.5 * 1.5
+    assert abs(vol_out - vol_in) / vol_in < 0.15
