@@ -168,3 +168,42 @@ def test_a_damaged_slice_is_refused_by_file_name(damage: str, tmp_path: Path) ->
         match = victim.name
     with pytest.raises(StudyError, match=match):
         read_study(tmp_path / "dicom")
+
+
+@pytest.mark.parametrize(
+    ("defect", "message"),
+    [("missing", "1 slice\\(s\\) missing between"), ("duplicate", "share the position"),
+     ("uneven", "slice spacing is uneven"), ("not_parallel", "not parallel"), ("tilt", "gantry tilt of"),
+     ("jitter", None)],
+)
+def test_series_geometry_rules(defect: str, message: str | None, tmp_path: Path) -> None:
+    import pydicom
+
+    ph = generate(25, num_slices=80, slice_thickness=4.0)
+    write_phantom(ph, tmp_path, "dicom")
+    files = sorted((tmp_path / "dicom").iterdir())
+    rng = np.random.default_rng(0)
+    if defect == "missing":
+        files[40].unlink()
+    for k, f in enumerate(files):
+        if defect == "missing" and k == 40:
+            continue
+        ds = pydicom.dcmread(f)
+        x, y, z = (float(v) for v in ds.ImagePositionPatient)
+        if defect == "duplicate" and k == 41:
+            z -= 4.0
+        elif defect == "uneven" and k >= 41:
+            z += 1.3
+        elif defect == "not_parallel" and k == 10:
+            ds.ImageOrientationPatient = [1, 0, 0, 0, 0.996, 0.0872]
+        elif defect == "tilt":
+            y += k * 4.0 * np.tan(np.radians(12))
+        elif defect == "jitter":
+            z += float(rng.uniform(-0.02, 0.02))
+        ds.ImagePositionPatient = [f"{x:.4f}", f"{y:.4f}", f"{z:.4f}"]
+        ds.save_as(f)
+    if message is None:
+        assert np.array_equal(read_study(tmp_path / "dicom").ct, ph.ct)  # jitter within tolerance is read
+    else:
+        with pytest.raises(StudyError, match=message):
+            read_study(tmp_path / "dicom")

@@ -168,13 +168,7 @@ def read_dicom_series(folder: Path, series_uid: str | None = None) -> Study:
             raise StudyError(f"{p.name}: ImagePositionPatient is not three finite numbers") from e
         positions.append((float(ipp @ normal), p, ds, ipp))
     positions.sort(key=lambda t: t[0])
-    z = np.array([t[0] for t in positions])
-    gaps = np.diff(z)
-    if (gaps < 1e-3).any():
-        raise StudyError(f"{folder}: two slices share a position along the slice normal")
-    dz = float(np.median(gaps))
-    if np.abs(gaps - dz).max() > 0.01 * dz + 0.01:
-        raise StudyError(f"{folder}: slice spacing is uneven ({gaps.min():.3f} to {gaps.max():.3f} mm)")
+    check_slice_geometry(positions, iop, folder)
     rows, cols = _header_int(first, "Rows", slices[0][0]), _header_int(first, "Columns", slices[0][0])
     if not (0 < rows <= MAX_MATRIX and 0 < cols <= MAX_MATRIX):
         raise StudyError(f"{slices[0][0].name}: image matrix {rows}x{cols} is outside 1..{MAX_MATRIX}")
@@ -186,12 +180,54 @@ def read_dicom_series(folder: Path, series_uid: str | None = None) -> Study:
     lps = np.eye(4)
     lps[:3, 0] = row_dir * dc
     lps[:3, 1] = col_dir * dr
-    lps[:3, 2] = normal * dz
+    lps[:3, 2] = normal * float(np.median(np.diff([t[0] for t in positions])))
     lps[:3, 3] = origin
     native = volume.transpose(2, 1, 0)  # (i=column, j=row, k=slice)
     study = _canonical(native, _RAS_FROM_LPS @ lps, "dicom", [t[1] for t in positions])
     study.series_uid, study.note = chosen, note
     return study
+
+
+def check_slice_geometry(positions: list[tuple[float, Path, Any, np.ndarray]], iop: np.ndarray, folder: Path) -> None:
+    """The series' geometry rules; each breach is refused with what and where.
+
+    - every slice has the series' orientation (within 1e-3): otherwise slices are not parallel;
+    - no two slices share a position along the normal (duplicates);
+    - the steps along the normal agree within 1% + 0.01 mm (jitter tolerated); a step that is a
+      whole multiple of the others is reported as missing slices;
+    - the slice positions move along the normal (gantry tilt under 0.5 degrees); tilted series are
+      refused until they are resampled onto a regular grid.
+    """
+    for _, p, ds, _ in positions:
+        try:
+            other = np.array([float(v) for v in ds.ImageOrientationPatient], np.float64)
+        except Exception as e:
+            raise StudyError(f"{p.name}: ImageOrientationPatient is missing or not six numbers") from e
+        if other.shape != (6,) or np.abs(other - iop).max() > 1e-3:
+            raise StudyError(f"{p.name}: orientation {other.round(4).tolist()} differs from the series' "
+                             f"{iop.round(4).tolist()}: slices are not parallel")
+    z = np.array([t[0] for t in positions])
+    gaps = np.diff(z)
+    dup = np.flatnonzero(gaps < 1e-3)
+    if len(dup):
+        a, b = positions[dup[0]][1].name, positions[dup[0] + 1][1].name
+        raise StudyError(f"{folder}: {a} and {b} share the position {z[dup[0]]:.2f} mm along the slice normal")
+    dz = float(np.median(gaps))
+    off = np.flatnonzero(np.abs(gaps - dz) > 0.01 * dz + 0.01)
+    if len(off):
+        k = int(off[0])
+        ratio = gaps[k] / dz
+        where = f"between {positions[k][1].name} ({z[k]:.2f} mm) and {positions[k + 1][1].name} ({z[k + 1]:.2f} mm)"
+        if abs(ratio - round(ratio)) < 0.05 and round(ratio) >= 2:
+            raise StudyError(f"{folder}: {round(ratio) - 1} slice(s) missing {where} (spacing {dz:.3f} mm)")
+        raise StudyError(f"{folder}: slice spacing is uneven: {gaps[k]:.3f} mm {where}, elsewhere {dz:.3f} mm")
+    normal = np.cross(iop[:3], iop[3:])
+    step = (positions[-1][3] - positions[0][3]) / (len(positions) - 1)
+    along = float(step @ normal)
+    tilt = float(np.degrees(np.arctan2(np.linalg.norm(step - along * normal), abs(along))))
+    if tilt > 0.5:
+        raise StudyError(f"{folder}: gantry tilt of {tilt:.1f} degrees (slices shifted in-plane along the series); "
+                         "tilted series are not supported yet: reconstruct without tilt")
 
 
 def _slice_hu(path: Path, rows: int, cols: int) -> np.ndarray:
