@@ -8,11 +8,11 @@ WEIGHTS := export/weights/ct_liver_unet.fp16.pt export/weights/manifest.json
 .PHONY: venv sysdeps artifacts configs demo test test-unit test-server test-slow lint bench weights clean
 
 # Debian tools the tests use as oracles: dciodvfy validates every DICOM object we write,
-# dcmtk's dcmcjpeg makes JPEG-lossless series (no Python encoder exists)
+# dcmtk's dcmcjpeg makes JPEG-lossless series (no Python encoder exists), dcm2niix is the geometry oracle
 sysdeps:
-	@{ command -v dciodvfy && command -v dcmcjpeg; } >/dev/null || { if [ "$$(id -u)" = 0 ]; then \
-	  (apt-get update -qq && apt-get install -y -qq dicom3tools dcmtk) >/dev/null; \
-	  else echo "missing: sudo apt-get install dicom3tools dcmtk (tests that need them will skip)"; fi; }
+	@{ command -v dciodvfy && command -v dcmcjpeg && command -v dcm2niix; } >/dev/null || { if [ "$$(id -u)" = 0 ]; then \
+	  (apt-get update -qq && apt-get install -y -qq dicom3tools dcmtk dcm2niix) >/dev/null; \
+	  else echo "missing: sudo apt-get install dicom3tools dcmtk dcm2niix (tests that need them will skip)"; fi; }
 
 venv: $(STAMP)
 $(STAMP): pyproject.toml
