@@ -16,10 +16,10 @@ from medseg.studies import read_study, write_phantom
 pytestmark = pytest.mark.skipif(shutil.which("dcm2niix") is None,
                                 reason="dcm2niix not installed (Debian package dcm2niix; `make sysdeps`)")
 
-ORIENTATIONS = {
-    "axial": ([1, 0, 0, 0, 1, 0], 2),
-    "sagittal": ([0, 1, 0, 0, 0, -1], 0),
-    "coronal_flipped": ([-1, 0, 0, 0, 0, -1], 1),
+ORIENTATIONS = {  # ImageOrientationPatient (row, column direction cosines)
+    "axial": [1, 0, 0, 0, 1, 0],
+    "sagittal": [0, 1, 0, 0, 0, -1],
+    "coronal_flipped": [-1, 0, 0, 0, 0, -1],
 }
 
 
@@ -42,7 +42,7 @@ def _agree(series: Path, tmp_path: Path) -> None:
 def test_phantom_series_in_any_orientation_match_dcm2niix(orientation: str, tmp_path: Path) -> None:
     ph = generate(26, num_slices=80, slice_thickness=4.0)
     write_phantom(ph, tmp_path, "dicom")
-    iop, axis = ORIENTATIONS[orientation]
+    iop = ORIENTATIONS[orientation]
     normal = np.cross(iop[:3], iop[3:])
     for k, f in enumerate(sorted((tmp_path / "dicom").iterdir())):
         ds = pydicom.dcmread(f)
