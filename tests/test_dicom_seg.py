@@ -70,3 +70,34 @@ def test_every_seg_and_phantom_slice_we_write_passes_dciodvfy(series: Path, smal
     write_seg(tmp_path / "seg.dcm", study.dicom_files, study.to_native(small_phantom.labels), PROVENANCE)
     assert dciodvfy_errors(tmp_path / "seg.dcm") == []
     assert dciodvfy_errors(study.dicom_files[0]) == []
+
+
+def test_an_enhanced_multiframe_ct_reads_like_its_series_and_gets_a_valid_seg(series: Path, small_phantom: Phantom,
+                                                                               tmp_path: Path) -> None:
+    import highdicom as hd
+
+    legacy = [pydicom.dcmread(p) for p in sorted(series.iterdir())]
+    rng = np.random.default_rng(0)
+    legacy = [legacy[i] for i in rng.permutation(len(legacy))]  # frames out of spatial order
+    mf = hd.legacy.LegacyConvertedEnhancedCTImage(legacy, series_instance_uid=hd.UID(), series_number=2,
+                                                  sop_instance_uid=hd.UID(), instance_number=1)
+    folder = tmp_path / "mf"
+    folder.mkdir()
+    mf.save_as(folder / "enhanced.dcm")
+    study = read_study(folder)
+    assert np.array_equal(study.ct, small_phantom.ct)
+    np.testing.assert_allclose(study.lps_mm([0, 0, 0]), small_phantom.origin_mm, atol=0.01)  # lps_mm rounds
+    write_seg(tmp_path / "seg.dcm", study.dicom_files, study.to_native(small_phantom.labels), PROVENANCE,
+              study.frame_indices)
+    seg = hd.seg.segread(tmp_path / "seg.dcm")
+    src_uid = pydicom.dcmread(folder / "enhanced.dcm").SOPInstanceUID
+    liver = seg.get_pixels_by_source_frame(src_uid, source_frame_numbers=list(range(1, len(legacy) + 1)),
+                                           segment_numbers=[1], combine_segments=False)[..., 0]
+    source_frames = pydicom.dcmread(folder / "enhanced.dcm")
+    truth = small_phantom.labels == SPEC.label("liver").value
+    for f in range(len(legacy)):  # frame f of the source lies at the slice its position says
+        z = float(source_frames.PerFrameFunctionalGroupsSequence[f].PlanePositionSequence[0].ImagePositionPatient[2])
+        k = round((z - small_phantom.origin_mm[2]) / small_phantom.spacing[0])
+        assert np.array_equal(liver[f].astype(bool), truth[k])
+    if shutil.which("dciodvfy"):
+        assert dciodvfy_errors(tmp_path / "seg.dcm") == []

@@ -57,7 +57,8 @@ def segment_to_dir(url: str, source: Path, out: Path, model_name: str, timeout_s
         native = study.to_native(result.labels)
         save_nifti(native, study.native_affine_ras, staging / LABELS_FILE)
         if study.source == "dicom":
-            write_seg(staging / SEG_FILE, study.dicom_files, native, result.findings.get("model", {}))
+            write_seg(staging / SEG_FILE, study.dicom_files, native, result.findings.get("model", {}),
+                      study.frame_indices)
         write_preview(staging / PREVIEW_FILE, study.ct, result.labels, study.spacing, result.findings)
         timings = {"read_study_s": round(t_read, 3), **result.timings_s,
                    "write_outputs_s": round(time.perf_counter() - t1, 3)}

@@ -22,16 +22,18 @@ def _concept(code: Code) -> Any:
     return CodedConcept(code.value, code.scheme, code.meaning)
 
 
-def build_seg(source_files: list[Path], labels_native: np.ndarray, provenance: dict[str, Any]) -> Any:
-    """A binary Segmentation of ``labels_native`` ((i, j, k) = (column, row, slice), slices in the
-    order of ``source_files``)."""
+def build_seg(source_files: list[Path], labels_native: np.ndarray, provenance: dict[str, Any],
+              frame_indices: list[int] | None = None) -> Any:
+    """A binary Segmentation of ``labels_native`` ((i, j, k) = (column, row, slice)); slice k comes from
+    ``source_files[k]`` (frame ``frame_indices[k]`` of it, for a multi-frame source)."""
     import highdicom as hd
     import pydicom
     from pydicom.sr.codedict import codes
 
-    sources = [pydicom.dcmread(p) for p in source_files]
-    if labels_native.shape != (int(sources[0].Columns), int(sources[0].Rows), len(sources)):
-        raise ValueError(f"labels of shape {labels_native.shape} do not fit {len(sources)} slices of "
+    unique = list(dict.fromkeys(source_files))
+    sources = [pydicom.dcmread(p) for p in unique]
+    if labels_native.shape != (int(sources[0].Columns), int(sources[0].Rows), len(source_files)):
+        raise ValueError(f"labels of shape {labels_native.shape} do not fit {len(source_files)} slices of "
                          f"{sources[0].Rows}x{sources[0].Columns}")
     algorithm = hd.AlgorithmIdentificationSequence(
         name=f"medseg {provenance.get('ensemble', SPEC.ensemble.name)}",
@@ -56,8 +58,13 @@ def build_seg(source_files: list[Path], labels_native: np.ndarray, provenance: d
         )
         for n, label in enumerate(segments, start=1)
     ]
-    # (slices, rows, columns, segments) binary masks, slices in source order
+    # (slices, rows, columns, segments) binary masks, in the order of the source frames
     frames = labels_native.transpose(2, 1, 0)
+    if len(unique) == 1 and len(source_files) > 1:  # one multi-frame source: back to its frame order
+        order = np.empty(len(source_files), np.int64)
+        order[np.asarray(frame_indices if frame_indices is not None else range(len(source_files)))] = np.arange(
+            len(source_files))
+        frames = frames[order]
     mask = np.stack([frames == label.value for label in segments], axis=-1).astype(np.uint8)
     first = sources[0]
     return hd.seg.Segmentation(
@@ -78,6 +85,7 @@ def build_seg(source_files: list[Path], labels_native: np.ndarray, provenance: d
     )
 
 
-def write_seg(path: Path, source_files: list[Path], labels_native: np.ndarray, provenance: dict[str, Any]) -> None:
+def write_seg(path: Path, source_files: list[Path], labels_native: np.ndarray, provenance: dict[str, Any],
+              frame_indices: list[int] | None = None) -> None:
     """Build and save the SEG."""
-    build_seg(source_files, labels_native, provenance).save_as(path)
+    build_seg(source_files, labels_native, provenance, frame_indices).save_as(path)

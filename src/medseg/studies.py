@@ -19,6 +19,8 @@ from medseg.errors import StudyError
 
 HU_MIN, HU_MAX = -1024, 3071
 MAX_MATRIX = 4096  # rows or columns of one slice
+MAX_FRAMES = 10_000  # frames of one multi-frame file
+MAX_VOXELS = 2**31 // 2  # int16 voxels of a whole series (2 GiB)
 CT_IMAGE_STORAGE = "1.2.840.10008.5.1.4.1.1.2"  # CT Image Storage SOP class
 _LPS = ("L", "P", "S")
 _RAS_FROM_LPS = np.diag([-1.0, -1.0, 1.0, 1.0])
@@ -35,6 +37,7 @@ class Study:
     ornt: np.ndarray  # nibabel orientation transform from native (i, j, k) to canonical (x, y, z)
     source: str  # "nifti" or "dicom"
     dicom_files: list[Path] = field(default_factory=list)  # sorted source slices (DICOM input)
+    frame_indices: list[int] = field(default_factory=list)  # frame of each dicom_files entry (multi-frame)
     series_uid: str = ""  # the DICOM series read
     note: str = ""  # how the series was chosen, for the user
 
@@ -105,15 +108,82 @@ def _quiet_pydicom() -> None:
     config.settings.reading_validation_mode = config.IGNORE
 
 
-def read_dicom_series(folder: Path, series_uid: str | None = None) -> Study:
-    """A CT series from a folder (``series_uid``, or else the one with most slices), localizers dropped,
-    slices sorted along the slice normal (never by file name or InstanceNumber), rescaled to HU."""
+MULTIFRAME_CT = {"1.2.840.10008.5.1.4.1.1.2.1", "1.2.840.10008.5.1.4.1.1.2.2"}  # Enhanced / Legacy Converted
+
+
+@dataclass
+class Frame:
+    """One image plane of a series: a single-frame file, or one frame of a multi-frame file."""
+
+    path: Path
+    index: int  # frame number within the file (0 for a single-frame file)
+    ds: Any
+    iop: np.ndarray
+    ipp: np.ndarray
+    pixel_spacing: tuple[float, float]  # (between rows, between columns) mm
+    rescale: tuple[float, float]  # slope, intercept
+
+    @property
+    def name(self) -> str:
+        return self.path.name if self.index == 0 and not _is_multiframe(self.ds) else f"{self.path.name} frame {self.index + 1}"
+
+
+def _is_multiframe(ds: Any) -> bool:
+    return str(ds.get("SOPClassUID", "")) in MULTIFRAME_CT
+
+
+def _floats(value: Any, n: int, what: str, where: str) -> np.ndarray:
+    try:
+        out = np.array([float(v) for v in value], np.float64)
+    except Exception as e:
+        raise StudyError(f"{where}: {what} is missing or not {n} numbers") from e
+    if out.shape != (n,) or not np.isfinite(out).all():
+        raise StudyError(f"{where}: {what} is not {n} finite numbers")
+    return out
+
+
+def _group(ds: Any, frame_groups: Any, keyword: str) -> Any:
+    """A functional group item: per-frame if present, else shared; None if neither has it."""
+    for groups in (frame_groups, ds.get("SharedFunctionalGroupsSequence", [None])[0]):
+        if groups is not None and keyword in groups:
+            return groups[keyword].value[0]
+    return None
+
+
+def _frames_of(path: Path, ds: Any) -> list[Frame]:
+    """The frames of one CT file, with their geometry and rescale (single- or multi-frame)."""
+    if _is_multiframe(ds):
+        n = _header_int(ds, "NumberOfFrames", path, 1)
+        per_frame = ds.get("PerFrameFunctionalGroupsSequence", [])
+        if not 1 <= n <= MAX_FRAMES or len(per_frame) != n:
+            raise StudyError(f"{path.name}: NumberOfFrames {n} does not match its {len(per_frame)} per-frame groups")
+        frames = []
+        for i, groups in enumerate(per_frame):
+            where = f"{path.name} frame {i + 1}"
+            orient, pos, meas = (_group(ds, groups, k) for k in
+                                 ("PlaneOrientationSequence", "PlanePositionSequence", "PixelMeasuresSequence"))
+            pvt = _group(ds, groups, "PixelValueTransformationSequence")
+            if orient is None or pos is None or meas is None:
+                raise StudyError(f"{where}: plane orientation, position or pixel measures are missing")
+            spacing = _floats(meas.get("PixelSpacing"), 2, "PixelSpacing", where)
+            slope = _number(pvt.get("RescaleSlope") if pvt is not None else None, 1.0)
+            intercept = _number(pvt.get("RescaleIntercept") if pvt is not None else None, 0.0)
+            frames.append(Frame(path, i, ds, _floats(orient.get("ImageOrientationPatient"), 6, "orientation", where),
+                                _floats(pos.get("ImagePositionPatient"), 3, "ImagePositionPatient", where),
+                                (float(spacing[0]), float(spacing[1])), (slope, intercept)))
+        return frames
+    where = path.name
+    spacing = _floats(ds.get("PixelSpacing"), 2, "PixelSpacing", where)
+    return [Frame(path, 0, ds, _floats(ds.get("ImageOrientationPatient"), 6, "ImageOrientationPatient", where),
+                  _floats(ds.get("ImagePositionPatient"), 3, "ImagePositionPatient", where),
+                  (float(spacing[0]), float(spacing[1])),
+                  (_number(ds.get("RescaleSlope"), 1.0), _number(ds.get("RescaleIntercept"), 0.0)))]
+
+
+def _scan(files: list[Path]) -> dict[str, list[tuple[Path, Any]]]:
+    """CT image files by SeriesInstanceUID; localizers and non-CT objects left out."""
     import pydicom
 
-    _quiet_pydicom()
-    files = sorted(p for p in folder.rglob("*") if p.is_file())
-    if not files:
-        raise StudyError(f"{folder}: no files found")
     series: dict[str, list[tuple[Path, Any]]] = {}
     for p in files:
         try:
@@ -123,7 +193,9 @@ def read_dicom_series(folder: Path, series_uid: str | None = None) -> Study:
                 raise StudyError(f"{p.name}: DICOM file could not be parsed ({type(e).__name__})") from e
             continue  # not DICOM: other files may sit beside a series
         try:
-            if "PixelData" not in ds or str(ds.get("Modality", "")) != "CT" or "ImagePositionPatient" not in ds:
+            if "PixelData" not in ds or str(ds.get("Modality", "")) != "CT":
+                continue
+            if "ImagePositionPatient" not in ds and not _is_multiframe(ds):
                 continue
             if "LOCALIZER" in [str(v).upper() for v in ds.get("ImageType", [])]:
                 continue
@@ -131,103 +203,147 @@ def read_dicom_series(folder: Path, series_uid: str | None = None) -> Study:
         except Exception as e:  # pydicom decodes elements lazily: a damaged one raises on access
             raise StudyError(f"{p.name}: DICOM header could not be decoded ({type(e).__name__})") from e
         series.setdefault(uid, []).append((p, ds))
+    return series
+
+
+def read_dicom_series(folder: Path, series_uid: str | None = None) -> Study:
+    """A CT series from a folder (``series_uid``, or else the one with most slices): single-frame or
+    enhanced multi-frame, localizers dropped, slices sorted along the slice normal (never by file name
+    or InstanceNumber), rescaled to HU."""
+    _quiet_pydicom()
+    files = sorted(p for p in folder.rglob("*") if p.is_file())
+    if not files:
+        raise StudyError(f"{folder}: no files found")
+    series = _scan(files)
     if not series:
         raise StudyError(f"{folder}: no CT image slices found among {len(files)} files")
     if series_uid is not None:
         if series_uid not in series:
             raise StudyError(f"{folder}: no CT series {series_uid}; found {len(series)}: " + ", ".join(
-                f"{uid} ({len(v)} slices)" for uid, v in sorted(series.items())))
+                f"{uid} ({len(v)} files)" for uid, v in sorted(series.items())))
         chosen = series_uid
     else:
         chosen = max(series, key=lambda uid: len(series[uid]))
-    slices = series[chosen]
-    others = len(series) - 1
-    note = f"series {chosen} ({len(slices)} slices)" + (
-        f", picked as the largest of {len(series)} CT series (choose with --series)" if others and series_uid is None else "")
-    if len(slices) < 2:
-        raise StudyError(f"{folder}: the CT series has {len(slices)} slice; at least 2 are needed")
-    first = slices[0][1]
-    try:
-        iop = np.array([float(v) for v in first.ImageOrientationPatient], np.float64)
-        row_dir, col_dir = iop[:3], iop[3:]
-        normal = np.cross(row_dir, col_dir)
-        dr, dc = (float(v) for v in first.PixelSpacing)
-    except Exception as e:
-        raise StudyError(f"{slices[0][0].name}: missing or invalid ImageOrientationPatient/PixelSpacing") from e
-    if not (np.isfinite(iop).all() and abs(np.linalg.norm(normal) - 1) < 1e-2 and dr > 0 and dc > 0
-            and np.isfinite([dr, dc]).all()):
-        raise StudyError(f"{slices[0][0].name}: ImageOrientationPatient or PixelSpacing is degenerate "
-                         f"(orientation {iop.tolist()}, spacing {dr} x {dc} mm)")
-    positions = []
-    for p, ds in slices:
+    frames: list[Frame] = []
+    for p, ds in series[chosen]:
         try:
-            ipp = np.array([float(v) for v in ds.ImagePositionPatient], np.float64)
-            if ipp.shape != (3,) or not np.isfinite(ipp).all():
-                raise ValueError(ipp)
+            frames.extend(_frames_of(p, ds))
+        except StudyError:
+            raise
         except Exception as e:
-            raise StudyError(f"{p.name}: ImagePositionPatient is not three finite numbers") from e
-        positions.append((float(ipp @ normal), p, ds, ipp))
-    positions.sort(key=lambda t: t[0])
-    check_slice_geometry(positions, iop, folder)
-    rows, cols = _header_int(first, "Rows", slices[0][0]), _header_int(first, "Columns", slices[0][0])
+            raise StudyError(f"{p.name}: DICOM header could not be decoded ({type(e).__name__})") from e
+    note = f"series {chosen} ({len(frames)} slices)" + (
+        f", picked as the largest of {len(series)} CT series (choose with --series)"
+        if len(series) > 1 and series_uid is None else "")
+    if len(frames) < 2:
+        raise StudyError(f"{folder}: the CT series has {len(frames)} slice; at least 2 are needed")
+    first = frames[0]
+    iop = first.iop
+    row_dir, col_dir = iop[:3], iop[3:]
+    normal = np.cross(row_dir, col_dir)
+    dr, dc = first.pixel_spacing
+    if not (abs(np.linalg.norm(normal) - 1) < 1e-2 and dr > 0 and dc > 0):
+        raise StudyError(f"{first.name}: ImageOrientationPatient or PixelSpacing is degenerate "
+                         f"(orientation {iop.tolist()}, spacing {dr} x {dc} mm)")
+    frames.sort(key=lambda f: float(f.ipp @ normal))
+    dz = check_slice_geometry(frames, folder)
+    rows, cols = _header_int(first.ds, "Rows", first.path), _header_int(first.ds, "Columns", first.path)
     if not (0 < rows <= MAX_MATRIX and 0 < cols <= MAX_MATRIX):
-        raise StudyError(f"{slices[0][0].name}: image matrix {rows}x{cols} is outside 1..{MAX_MATRIX}")
-    volume = np.empty((len(positions), rows, cols), np.int16)
-    for k, (_, p, _, _) in enumerate(positions):
-        volume[k] = _slice_hu(p, rows, cols)
+        raise StudyError(f"{first.name}: image matrix {rows}x{cols} is outside 1..{MAX_MATRIX}")
+    if len(frames) * rows * cols > MAX_VOXELS:
+        raise StudyError(f"{folder}: {len(frames)} slices of {rows}x{cols} exceed {MAX_VOXELS} voxels")
+    volume = np.empty((len(frames), rows, cols), np.int16)
+    decoded: dict[Path, np.ndarray] = {}
+    for k, f in enumerate(frames):
+        volume[k] = _frame_hu(f, rows, cols, decoded)
     # affine from (column i, row j, slice k) index to LPS, then to RAS for the orientation code
-    origin = positions[0][3]
     lps = np.eye(4)
     lps[:3, 0] = row_dir * dc
     lps[:3, 1] = col_dir * dr
-    lps[:3, 2] = normal * float(np.median(np.diff([t[0] for t in positions])))
-    lps[:3, 3] = origin
+    lps[:3, 2] = normal * dz
+    lps[:3, 3] = frames[0].ipp
     native = volume.transpose(2, 1, 0)  # (i=column, j=row, k=slice)
-    study = _canonical(native, _RAS_FROM_LPS @ lps, "dicom", [t[1] for t in positions])
+    study = _canonical(native, _RAS_FROM_LPS @ lps, "dicom", [f.path for f in frames])
+    study.frame_indices = [f.index for f in frames]
     study.series_uid, study.note = chosen, note
     return study
 
 
-def check_slice_geometry(positions: list[tuple[float, Path, Any, np.ndarray]], iop: np.ndarray, folder: Path) -> None:
-    """The series' geometry rules; each breach is refused with what and where.
+def check_slice_geometry(frames: list[Frame], folder: Path) -> float:
+    """The series' geometry rules, on frames sorted along the normal; returns the slice spacing.
 
-    - every slice has the series' orientation (within 1e-3): otherwise slices are not parallel;
+    - every slice has the series' orientation and pixel spacing (within 1e-3): otherwise refused;
     - no two slices share a position along the normal (duplicates);
     - the steps along the normal agree within 1% + 0.01 mm (jitter tolerated); a step that is a
       whole multiple of the others is reported as missing slices;
     - the slice positions move along the normal (gantry tilt under 0.5 degrees); tilted series are
       refused until they are resampled onto a regular grid.
+    Each breach is refused with what and where.
     """
-    for _, p, ds, _ in positions:
-        try:
-            other = np.array([float(v) for v in ds.ImageOrientationPatient], np.float64)
-        except Exception as e:
-            raise StudyError(f"{p.name}: ImageOrientationPatient is missing or not six numbers") from e
-        if other.shape != (6,) or np.abs(other - iop).max() > 1e-3:
-            raise StudyError(f"{p.name}: orientation {other.round(4).tolist()} differs from the series' "
+    iop = frames[0].iop
+    normal = np.cross(iop[:3], iop[3:])
+    for f in frames:
+        if np.abs(f.iop - iop).max() > 1e-3:
+            raise StudyError(f"{f.name}: orientation {f.iop.round(4).tolist()} differs from the series' "
                              f"{iop.round(4).tolist()}: slices are not parallel")
-    z = np.array([t[0] for t in positions])
+        if np.abs(np.subtract(f.pixel_spacing, frames[0].pixel_spacing)).max() > 1e-3:
+            raise StudyError(f"{f.name}: pixel spacing {f.pixel_spacing} differs from the series' {frames[0].pixel_spacing}")
+    z = np.array([float(f.ipp @ normal) for f in frames])
     gaps = np.diff(z)
     dup = np.flatnonzero(gaps < 1e-3)
     if len(dup):
-        a, b = positions[dup[0]][1].name, positions[dup[0] + 1][1].name
-        raise StudyError(f"{folder}: {a} and {b} share the position {z[dup[0]]:.2f} mm along the slice normal")
+        k = int(dup[0])
+        raise StudyError(f"{folder}: {frames[k].name} and {frames[k + 1].name} share the position {z[k]:.2f} mm "
+                         "along the slice normal")
     dz = float(np.median(gaps))
     off = np.flatnonzero(np.abs(gaps - dz) > 0.01 * dz + 0.01)
     if len(off):
         k = int(off[0])
         ratio = gaps[k] / dz
-        where = f"between {positions[k][1].name} ({z[k]:.2f} mm) and {positions[k + 1][1].name} ({z[k + 1]:.2f} mm)"
+        where = f"between {frames[k].name} ({z[k]:.2f} mm) and {frames[k + 1].name} ({z[k + 1]:.2f} mm)"
         if abs(ratio - round(ratio)) < 0.05 and round(ratio) >= 2:
             raise StudyError(f"{folder}: {round(ratio) - 1} slice(s) missing {where} (spacing {dz:.3f} mm)")
         raise StudyError(f"{folder}: slice spacing is uneven: {gaps[k]:.3f} mm {where}, elsewhere {dz:.3f} mm")
-    normal = np.cross(iop[:3], iop[3:])
-    step = (positions[-1][3] - positions[0][3]) / (len(positions) - 1)
+    step = (frames[-1].ipp - frames[0].ipp) / (len(frames) - 1)
     along = float(step @ normal)
     tilt = float(np.degrees(np.arctan2(np.linalg.norm(step - along * normal), abs(along))))
     if tilt > 0.5:
         raise StudyError(f"{folder}: gantry tilt of {tilt:.1f} degrees (slices shifted in-plane along the series); "
                          "tilted series are not supported yet: reconstruct without tilt")
+    return dz
+
+
+def _frame_hu(frame: Frame, rows: int, cols: int, decoded: dict[Path, np.ndarray]) -> np.ndarray:
+    """One frame's pixels in HU (a multi-frame file is decoded once)."""
+    if frame.index == 0 and not _is_multiframe(frame.ds):
+        return _slice_hu(frame.path, rows, cols)
+    if frame.path not in decoded:
+        decoded[frame.path] = _decode_pixels(frame.path, rows, cols)
+    pixels = decoded[frame.path][frame.index]
+    slope, intercept = frame.rescale
+    if not (np.isfinite(slope) and np.isfinite(intercept) and slope != 0):
+        raise StudyError(f"{frame.name}: rescale slope {slope} / intercept {intercept} are not usable")
+    return _to_hu_int16(pixels.astype(np.float64) * slope + intercept, frame.name)
+
+
+def _decode_pixels(path: Path, rows: int, cols: int) -> np.ndarray:
+    """All frames of a multi-frame file as (frames, rows, cols)."""
+    import pydicom
+
+    try:
+        ds = pydicom.dcmread(path)
+        n = _header_int(ds, "NumberOfFrames", path, 1)
+        if _header_int(ds, "Rows", path) != rows or _header_int(ds, "Columns", path) != cols:
+            raise StudyError(f"{path.name}: frames are {ds.get('Rows')}x{ds.get('Columns')}, the series {rows}x{cols}")
+        pixels = ds.pixel_array
+    except StudyError:
+        raise
+    except Exception as e:
+        raise StudyError(f"{path.name}: pixel data could not be decoded ({type(e).__name__})") from e
+    pixels = pixels.reshape((1, *pixels.shape)) if pixels.ndim == 2 else pixels
+    if pixels.shape != (n, rows, cols):
+        raise StudyError(f"{path.name}: decoded pixels have shape {pixels.shape}, expected {(n, rows, cols)}")
+    return pixels
 
 
 def _slice_hu(path: Path, rows: int, cols: int) -> np.ndarray:
