@@ -36,9 +36,17 @@ def _restore(ph: Phantom, folder: Path, frames: np.ndarray, iop: list[float], po
         ds.save_as(folder / f"IM{k:04d}.dcm")
 
 
+def tilt_rows(volume: np.ndarray, fill: int) -> np.ndarray:
+    """Slice k shifted up by k rows: what a gantry tilt of atan(row spacing / slice spacing) acquires."""
+    out = np.full_like(volume, fill)
+    for k in range(volume.shape[0]):
+        out[k, : volume.shape[1] - k] = volume[k, k:]
+    return out
+
+
 def write_variant(ph: Phantom, folder: Path, variant: str) -> None:
     """Write ``ph`` into ``folder`` as ``variant``: axial, flipped (rows, columns and slice order
-    reversed) or sagittal (re-stacked along x)."""
+    reversed), tilted (gantry tilt: slice k shifted k rows in-plane) or sagittal (re-stacked along x)."""
     write_dicom_series(ph, folder)
     if variant == "axial":
         return
@@ -49,6 +57,10 @@ def write_variant(ph: Phantom, folder: Path, variant: str) -> None:
         frames = ph.ct[::-1, ::-1, ::-1]
         positions = np.array([[ox + (nx - 1) * sx, oy + (ny - 1) * sy, oz + (nz - 1 - k) * sz] for k in range(nz)])
         _restore(ph, folder, frames, [-1, 0, 0, 0, -1, 0], positions, (sy, sx), sz)
+    elif variant == "tilted":
+        frames = tilt_rows(ph.ct, -1000)
+        positions = np.array([[ox, oy + k * sy, oz + k * sz] for k in range(nz)])
+        _restore(ph, folder, frames, [1, 0, 0, 0, 1, 0], positions, (sy, sx), sz)
     elif variant == "sagittal":
         # frame k = the plane x = k; rows run from head to feet (-z), columns along +y
         frames = np.ascontiguousarray(ph.ct[::-1].transpose(2, 0, 1))

@@ -173,8 +173,8 @@ def test_a_damaged_slice_is_refused_by_file_name(damage: str, tmp_path: Path) ->
 @pytest.mark.parametrize(
     ("defect", "message"),
     [("missing", "1 slice\\(s\\) missing between"), ("duplicate", "share the position"),
-     ("uneven", "slice spacing is uneven"), ("not_parallel", "not parallel"), ("tilt", "gantry tilt of"),
-     ("jitter", None)],
+     ("uneven", "slice spacing is uneven"), ("not_parallel", "not parallel"), ("tilt_40", "exceeds the 30"),
+     ("inplane_jump", "shifted in-plane off"), ("jitter", None)],
 )
 def test_series_geometry_rules(defect: str, message: str | None, tmp_path: Path) -> None:
     import pydicom
@@ -196,8 +196,10 @@ def test_series_geometry_rules(defect: str, message: str | None, tmp_path: Path)
             z += 1.3
         elif defect == "not_parallel" and k == 10:
             ds.ImageOrientationPatient = [1, 0, 0, 0, 0.996, 0.0872]
-        elif defect == "tilt":
-            y += k * 4.0 * np.tan(np.radians(12))
+        elif defect == "tilt_40":
+            y += k * 4.0 * np.tan(np.radians(40))
+        elif defect == "inplane_jump" and k == 30:
+            x += 2.0
         elif defect == "jitter":
             z += float(rng.uniform(-0.02, 0.02))
         ds.ImagePositionPatient = [f"{x:.4f}", f"{y:.4f}", f"{z:.4f}"]
@@ -207,3 +209,19 @@ def test_series_geometry_rules(defect: str, message: str | None, tmp_path: Path)
     else:
         with pytest.raises(StudyError, match=message):
             read_study(tmp_path / "dicom")
+
+
+def test_a_tilted_series_is_corrected_onto_the_orthogonal_grid_and_labels_go_back(tmp_path: Path) -> None:
+    from tests.series_variants import tilt_rows, write_variant
+
+    ph = generate(28, num_slices=80, slice_thickness=4.0)
+    write_variant(ph, tmp_path / "tilted", "tilted")
+    study = read_study(tmp_path / "tilted")
+    expected = np.degrees(np.arctan(ph.spacing[1] / ph.spacing[0]))
+    assert f"gantry tilt of {expected:.1f} degrees corrected" in study.note
+    first = ph.ct.shape[0]  # slice k of the tilted series starts k rows further: rows < k were never acquired
+    assert np.array_equal(study.ct[:, first:], ph.ct[:, first:])
+    native = study.to_native(ph.labels)  # labels from the orthogonal grid back onto the tilted slices
+    assert np.array_equal(native.transpose(2, 1, 0), tilt_rows(ph.labels, 0))
+    shear = study.native_affine_ras[:3, 2]
+    assert abs(shear[1]) > 0.5  # the output affine keeps the tilt (a step in y per slice)

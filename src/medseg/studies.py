@@ -20,6 +20,8 @@ from medseg.errors import StudyError
 HU_MIN, HU_MAX = -1024, 3071
 MAX_MATRIX = 4096  # rows or columns of one slice
 MAX_FRAMES = 10_000  # frames of one multi-frame file
+MAX_TILT_DEG = 30.0  # gantry tilt corrected by shifting slices in-plane; more is refused
+MIN_TILT_DEG = 0.05  # below this a series is taken as untilted
 MAX_VOXELS = 2**31 // 2  # int16 voxels of a whole series (2 GiB)
 CT_IMAGE_STORAGE = "1.2.840.10008.5.1.4.1.1.2"  # CT Image Storage SOP class
 _LPS = ("L", "P", "S")
@@ -38,6 +40,7 @@ class Study:
     source: str  # "nifti" or "dicom"
     dicom_files: list[Path] = field(default_factory=list)  # sorted source slices (DICOM input)
     frame_indices: list[int] = field(default_factory=list)  # frame of each dicom_files entry (multi-frame)
+    slice_shifts: np.ndarray | None = None  # gantry tilt: per-slice in-plane offsets (rows, cols) undone on input
     series_uid: str = ""  # the DICOM series read
     note: str = ""  # how the series was chosen, for the user
 
@@ -50,7 +53,8 @@ class Study:
         inverse = np.empty_like(self.ornt)
         for native_axis, (canon_axis, flip) in enumerate(self.ornt):
             inverse[int(canon_axis)] = (native_axis, flip)
-        return np.ascontiguousarray(apply_orientation(labels_zyx.transpose(2, 1, 0), inverse))
+        native = np.ascontiguousarray(apply_orientation(labels_zyx.transpose(2, 1, 0), inverse))
+        return native if self.slice_shifts is None else retilt_labels(native, self.slice_shifts)
 
     def lps_mm(self, voxel_zyx: list[float]) -> list[float]:
         """Patient (LPS) coordinates in mm of a canonical (z, y, x) voxel position."""
@@ -256,6 +260,9 @@ def read_dicom_series(folder: Path, series_uid: str | None = None) -> Study:
     decoded: dict[Path, np.ndarray] = {}
     for k, f in enumerate(frames):
         volume[k] = _frame_hu(f, rows, cols, decoded)
+    shifts = tilt_shifts(frames, (dr, dc))
+    if shifts is not None:
+        volume = untilt(volume, shifts)
     # affine from (column i, row j, slice k) index to LPS, then to RAS for the orientation code
     lps = np.eye(4)
     lps[:3, 0] = row_dir * dc
@@ -265,6 +272,13 @@ def read_dicom_series(folder: Path, series_uid: str | None = None) -> Study:
     native = volume.transpose(2, 1, 0)  # (i=column, j=row, k=slice)
     study = _canonical(native, _RAS_FROM_LPS @ lps, "dicom", [f.path for f in frames])
     study.frame_indices = [f.index for f in frames]
+    if shifts is not None:  # outputs go back onto the tilted slices: a sheared affine
+        sheared = lps.copy()
+        sheared[:3, 2] = (frames[-1].ipp - frames[0].ipp) / (len(frames) - 1)
+        study.native_affine_ras = _RAS_FROM_LPS @ sheared
+        study.slice_shifts = shifts
+        tilt = np.degrees(np.arctan(np.hypot(*(shifts[-1] * (dr, dc))) / (dz * (len(frames) - 1))))
+        note += f"; gantry tilt of {tilt:.1f} degrees corrected by shifting slices in-plane"
     study.series_uid, study.note = chosen, note
     return study
 
@@ -276,8 +290,9 @@ def check_slice_geometry(frames: list[Frame], folder: Path) -> float:
     - no two slices share a position along the normal (duplicates);
     - the steps along the normal agree within 1% + 0.01 mm (jitter tolerated); a step that is a
       whole multiple of the others is reported as missing slices;
-    - the slice positions move along the normal (gantry tilt under 0.5 degrees); tilted series are
-      refused until they are resampled onto a regular grid.
+    - the in-plane offset of the slices grows linearly (a constant step, within the same tolerance);
+      a gantry tilt (that step not along the normal) up to 30 degrees is corrected by the reader,
+      a larger one refused.
     Each breach is refused with what and where.
     """
     iop = frames[0].iop
@@ -306,11 +321,49 @@ def check_slice_geometry(frames: list[Frame], folder: Path) -> float:
         raise StudyError(f"{folder}: slice spacing is uneven: {gaps[k]:.3f} mm {where}, elsewhere {dz:.3f} mm")
     step = (frames[-1].ipp - frames[0].ipp) / (len(frames) - 1)
     along = float(step @ normal)
+    drift = np.array([f.ipp - frames[0].ipp - k * step for k, f in enumerate(frames)])
+    bad = np.flatnonzero(np.linalg.norm(drift - np.outer(drift @ normal, normal), axis=1) > 0.01 * dz + 0.01)
+    if len(bad):
+        raise StudyError(f"{folder}: {frames[int(bad[0])].name} is shifted in-plane off the series' regular grid")
     tilt = float(np.degrees(np.arctan2(np.linalg.norm(step - along * normal), abs(along))))
-    if tilt > 0.5:
-        raise StudyError(f"{folder}: gantry tilt of {tilt:.1f} degrees (slices shifted in-plane along the series); "
-                         "tilted series are not supported yet: reconstruct without tilt")
+    if tilt > MAX_TILT_DEG:
+        raise StudyError(f"{folder}: gantry tilt of {tilt:.1f} degrees exceeds the {MAX_TILT_DEG:.0f} degrees "
+                         "this reader corrects")
     return dz
+
+
+def tilt_shifts(frames: list[Frame], pixel_spacing: tuple[float, float]) -> np.ndarray | None:
+    """Per slice, the in-plane offset (rows, columns) of a tilted series from the first slice; None if untilted."""
+    iop = frames[0].iop
+    row_dir, col_dir = iop[:3], iop[3:]
+    normal = np.cross(row_dir, col_dir)
+    d = np.array([f.ipp - frames[0].ipp for f in frames])
+    d -= np.outer(d @ normal, normal)
+    shifts = np.stack([d @ col_dir / pixel_spacing[0], d @ row_dir / pixel_spacing[1]], axis=1)
+    along = abs(float((frames[-1].ipp - frames[0].ipp) @ normal))
+    tilt = np.degrees(np.arctan2(np.linalg.norm(d[-1]), along))
+    return shifts if tilt > MIN_TILT_DEG else None
+
+
+def untilt(volume: np.ndarray, shifts: np.ndarray) -> np.ndarray:
+    """Shift each (rows, columns) slice by its offset onto the grid orthogonal to the normal (linear, air outside)."""
+    from scipy import ndimage
+
+    out = np.empty_like(volume)
+    for k, (sr, sc) in enumerate(shifts):
+        moved = ndimage.shift(volume[k].astype(np.float32), (sr, sc), order=1, mode="constant", cval=HU_MIN)
+        out[k] = np.rint(moved).astype(np.int16)
+    return out
+
+
+def retilt_labels(native: np.ndarray, shifts: np.ndarray) -> np.ndarray:
+    """Labels in native (i=column, j=row, k) order back onto the tilted slices (nearest)."""
+    from scipy import ndimage
+
+    out = np.empty_like(native)
+    for k, (sr, sc) in enumerate(shifts):
+        out[:, :, k] = ndimage.shift(native[:, :, k], (-sc, -sr), order=0, mode="constant", cval=0)
+    return out
 
 
 def _frame_hu(frame: Frame, rows: int, cols: int, decoded: dict[Path, np.ndarray]) -> np.ndarray:
