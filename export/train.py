@@ -150,9 +150,24 @@ def train(epochs: int, iters_per_epoch: int, out: Path, seed: int, lr: float, in
                    f" --ce-weights {' '.join(f'{w:g}' for w in ce_weights)} --synthetic-tumors {synthetic_tumors:g}"
                    + (f" --init {init}" if init else ""),
         "initialized_from": None if init is None else {"file": init.name, "sha256": sha256_of(init)},
+        "previous_stages": previous_stages(init),
     }
     (out / MANIFEST_FILE.name).write_text(json.dumps(manifest, indent=2) + "\n")
     return manifest
+
+
+def stage_summary(manifest: dict[str, Any]) -> dict[str, Any]:
+    """What one training stage did, for the record of the stages after it."""
+    keys = ("command", "epochs", "iters_per_epoch", "best_epoch", "val_dice", "sha256", "train_seconds", "trained_on")
+    return {k: manifest.get(k) for k in keys}
+
+
+def previous_stages(init: Path | None) -> list[dict[str, Any]]:
+    """The stages that made ``init``: read from the manifest beside it, if there is one."""
+    if init is None or not (init.parent / MANIFEST_FILE.name).exists():
+        return []
+    before = json.loads((init.parent / MANIFEST_FILE.name).read_text())
+    return [*before.get("previous_stages", []), stage_summary(before)]
 
 
 def main() -> None:
