@@ -37,7 +37,9 @@ def evaluate(seeds: list[int]) -> list[dict[str, Any]]:
                "tumor_dice": round(dice(labels == tumor, ph.labels == tumor), 4),
                "true_tumors_mm": [m["diameter_mm"] for m in matches],
                "found": [m["matched_id"] is not None for m in matches],
-               "reported_tumors": len(findings["tumors"])}
+               "reported_tumors": len(findings["tumors"]),
+               "false_positive_ml": sorted((t["volume_ml"] for t in found
+                                            if t["id"] not in {m["matched_id"] for m in matches}), reverse=True)}
         print(json.dumps(row), flush=True)
         rows.append(row)
     return rows
@@ -50,8 +52,10 @@ def main(argv: list[str] | None = None) -> int:
     liver = [r["liver_dice"] for r in rows]
     big = [(d, f) for r in rows for d, f in zip(r["true_tumors_mm"], r["found"], strict=True) if d >= 10]
     small = [(d, f) for r in rows for d, f in zip(r["true_tumors_mm"], r["found"], strict=True) if d < 10]
+    fps = [v for r in rows for v in r["false_positive_ml"]]
     print(f"liver Dice min {min(liver):.4f} mean {np.mean(liver):.4f}; tumors >= 10 mm found "
-          f"{sum(f for _, f in big)}/{len(big)}; tumors < 10 mm found {sum(f for _, f in small)}/{len(small)}")
+          f"{sum(f for _, f in big)}/{len(big)}; tumors < 10 mm found {sum(f for _, f in small)}/{len(small)}; "
+          f"false positives {len(fps)} in {len(rows)} studies (median {np.median(fps) if fps else 0:.2f} mL)")
     ok = min(liver) >= 0.90 and all(f for _, f in big)
     return 0 if ok else 1
 

@@ -46,7 +46,8 @@ def tilt_rows(volume: np.ndarray, fill: int) -> np.ndarray:
 
 def write_variant(ph: Phantom, folder: Path, variant: str) -> None:
     """Write ``ph`` into ``folder`` as ``variant``: axial, flipped (rows, columns and slice order
-    reversed), tilted (gantry tilt: slice k shifted k rows in-plane) or sagittal (re-stacked along x)."""
+    reversed), tilted (gantry tilt: slice k shifted k rows in-plane), oblique (planes rotated 10 degrees)
+    or sagittal (re-stacked along x)."""
     write_dicom_series(ph, folder)
     if variant == "axial":
         return
@@ -61,6 +62,11 @@ def write_variant(ph: Phantom, folder: Path, variant: str) -> None:
         frames = tilt_rows(ph.ct, -1000)
         positions = np.array([[ox, oy + k * sy, oz + k * sz] for k in range(nz)])
         _restore(ph, folder, frames, [1, 0, 0, 0, 1, 0], positions, (sy, sx), sz)
+    elif variant == "oblique":  # the same pixels on planes rotated 10 degrees about the slice normal
+        a = np.radians(10)
+        row, col = np.array([np.cos(a), np.sin(a), 0.0]), np.array([-np.sin(a), np.cos(a), 0.0])
+        positions = np.array([[ox, oy, oz + k * sz] for k in range(nz)])
+        _restore(ph, folder, ph.ct, [*row.round(6), *col.round(6)], positions, (sy, sx), sz)
     elif variant == "sagittal":
         # frame k = the plane x = k; rows run from head to feet (-z), columns along +y
         frames = np.ascontiguousarray(ph.ct[::-1].transpose(2, 0, 1))

@@ -35,7 +35,7 @@ def phantom() -> Any:
 
 def _prepare(ph: Any, root: Path, variant: str) -> Path:
     folder = root / "series"
-    if variant in ("axial", "flipped", "sagittal", "tilted"):
+    if variant in ("axial", "flipped", "sagittal", "tilted", "oblique"):
         write_variant(ph, folder, variant)
     elif variant == "shuffled":
         write_variant(ph, folder, "axial")
@@ -56,7 +56,8 @@ def _prepare(ph: Any, root: Path, variant: str) -> Path:
     return folder
 
 
-@pytest.mark.parametrize("variant", ["axial", "shuffled", "two_series", "jpeg_ls", "flipped", "sagittal", "tilted"])
+@pytest.mark.parametrize("variant", ["axial", "shuffled", "two_series", "jpeg_ls", "flipped", "sagittal", "tilted",
+                                     "oblique"])
 def test_any_storage_of_a_series_segments_onto_the_right_grid(variant: str, phantom: Any, server: Any,
                                                               tmp_path: Path) -> None:
     series = _prepare(phantom, tmp_path, variant)
@@ -66,7 +67,7 @@ def test_any_storage_of_a_series_segments_onto_the_right_grid(variant: str, phan
     assert r.returncode == 0, r.stderr
     predicted = read_study(out / "labels.nii.gz")  # back on the canonical grid, through the file's affine
     assert predicted.ct.shape == phantom.ct.shape
-    np.testing.assert_allclose(predicted.lps_mm([0, 0, 0]), phantom.origin_mm, atol=1e-3)
+    np.testing.assert_allclose(predicted.lps_mm([0, 0, 0]), phantom.origin_mm, atol=1e-2)
     truth = tilt_rows(phantom.labels, 0) if variant == "tilted" else phantom.labels  # on the acquired slices
     assert dice(predicted.ct > 0, truth > 0) >= 0.90
     if shutil.which("dciodvfy"):
