@@ -168,7 +168,7 @@ def _build() -> Spec:
         opt_model_grid=(160, 256, 256),
         tile_voxels=160 * 256 * 256,
         tile_overlap=32,
-        min_tumor_volume_ml=0.03,
+        min_tumor_volume_ml=0.1,
         max_reported_tumors=50,
         ensemble=ModelIO("ct_liver", 1, (ct, spacing), (labels_t, findings)),
         preprocess=ModelIO("ct_preprocess", 1, (ct, spacing), (image, grid)),
