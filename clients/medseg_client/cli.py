@@ -104,7 +104,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("demo", help="serve, segment an unseen phantom, compare with its ground truth, stop")
     p.add_argument("--out", type=Path, default=Path("demo_out"))
-    p.add_argument("--seed", type=int, default=5001)
+    p.add_argument("--seed", type=int, default=5002)
     p.set_defaults(func=cmd_demo)
     return ap
 
