@@ -174,7 +174,8 @@ def test_a_damaged_slice_is_refused_by_file_name(damage: str, tmp_path: Path) ->
     ("defect", "message"),
     [("missing", "1 slice\\(s\\) missing between"), ("duplicate", "share the position"),
      ("uneven", "slice spacing is uneven"), ("not_parallel", "not parallel"), ("tilt_40", "exceeds the 30"),
-     ("inplane_jump", "shifted in-plane off"), ("jitter", None)],
+     ("inplane_jump", "shifted in-plane off"), ("zero_spacing", "PixelSpacing"), ("nan_spacing", "PixelSpacing"),
+     ("mixed_size", "slice is 256x512, the series 512x512"), ("jitter", None)],
 )
 def test_series_geometry_rules(defect: str, message: str | None, tmp_path: Path) -> None:
     import pydicom
@@ -200,6 +201,13 @@ def test_series_geometry_rules(defect: str, message: str | None, tmp_path: Path)
             y += k * 4.0 * np.tan(np.radians(40))
         elif defect == "inplane_jump" and k == 30:
             x += 2.0
+        elif defect == "zero_spacing":
+            ds.PixelSpacing = ["0", "0.8"]
+        elif defect == "nan_spacing":
+            ds.PixelSpacing = ["nan", "0.8"]
+        elif defect == "mixed_size" and k == 20:
+            ds.Rows = 256
+            ds.PixelData = ds.PixelData[: 256 * 512 * 2]
         elif defect == "jitter":
             z += float(rng.uniform(-0.02, 0.02))
         ds.ImagePositionPatient = [f"{x:.4f}", f"{y:.4f}", f"{z:.4f}"]
