@@ -6,8 +6,6 @@ same grid convention as the preprocessing. Results are cached under ``.cache/`` 
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import numpy as np
 from tqdm import tqdm
 
@@ -52,6 +50,3 @@ def load_cases(seeds: list[int], desc: str) -> list[tuple[np.ndarray, np.ndarray
     pre = CpuPreprocessor()
     return [training_case(s, pre) for s in tqdm(seeds, desc=desc, unit="study")]
 
-
-def cache_dir() -> Path:
-    return CACHE

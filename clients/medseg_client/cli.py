@@ -6,7 +6,6 @@ A refused input or an unreachable server prints one line and exits 2; a tracebac
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import time
 from pathlib import Path
@@ -120,9 +119,6 @@ def main(argv: list[str] | None = None) -> int:
         print(f"medseg {args.command}: interrupted", file=sys.stderr)
         return 130
 
-
-def json_dump(obj: Any) -> str:
-    return json.dumps(obj, indent=2)
 
 
 if __name__ == "__main__":

@@ -31,7 +31,7 @@ def build_seg(source_files: list[Path], labels_native: np.ndarray, provenance: d
     from pydicom.sr.codedict import codes
 
     unique = list(dict.fromkeys(source_files))
-    sources = [pydicom.dcmread(p) for p in unique]
+    sources = [pydicom.dcmread(p, stop_before_pixels=True) for p in unique]  # highdicom needs headers only
     if labels_native.shape != (int(sources[0].Columns), int(sources[0].Rows), len(source_files)):
         raise ValueError(f"labels of shape {labels_native.shape} do not fit {len(source_files)} slices of "
                          f"{sources[0].Rows}x{sources[0].Columns}")

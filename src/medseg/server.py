@@ -13,7 +13,6 @@ import socket
 import subprocess
 import sys
 import sysconfig
-import tempfile
 import time
 import urllib.error
 import urllib.request
@@ -179,9 +178,6 @@ class EmbeddedServer:
         except (urllib.error.URLError, ConnectionError, TimeoutError, OSError):
             return False
 
-    def log_tail(self) -> str:
-        return "".join(self._tail)
-
     def running(self) -> bool:
         """True while the server process is alive."""
         return self._proc is not None and self._proc.poll() is None
@@ -243,7 +239,3 @@ class EmbeddedServer:
     def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None) -> None:
         self.stop()
 
-
-def scratch_dir() -> Path:
-    """A private temporary directory for server logs."""
-    return Path(tempfile.mkdtemp(prefix="medseg-server-"))

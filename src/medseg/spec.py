@@ -120,7 +120,6 @@ class Spec:
     postprocess: ModelIO
     version: str = "1.0.0"
     max_batch_size: int = 1
-    flavors: tuple[str, ...] = ("cpu",)
 
     @property
     def num_classes(self) -> int:
@@ -128,10 +127,6 @@ class Spec:
 
     def label(self, name: str) -> Label:
         return next(lab for lab in self.labels if lab.name == name)
-
-    @property
-    def models(self) -> tuple[ModelIO, ...]:
-        return (self.ensemble, self.preprocess, self.segmenter, self.postprocess)
 
     @property
     def min_model_grid(self) -> tuple[int, int, int]:

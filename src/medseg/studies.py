@@ -369,9 +369,9 @@ def retilt_labels(native: np.ndarray, shifts: np.ndarray) -> np.ndarray:
 def _frame_hu(frame: Frame, rows: int, cols: int, decoded: dict[Path, np.ndarray]) -> np.ndarray:
     """One frame's pixels in HU (a multi-frame file is decoded once)."""
     if frame.index == 0 and not _is_multiframe(frame.ds):
-        return _slice_hu(frame.path, rows, cols)
+        return _slice_hu(frame.ds, frame.path, rows, cols)
     if frame.path not in decoded:
-        decoded[frame.path] = _decode_pixels(frame.path, rows, cols)
+        decoded[frame.path] = _decode_pixels(frame.ds, frame.path, rows, cols)
     pixels = decoded[frame.path][frame.index]
     slope, intercept = frame.rescale
     if not (np.isfinite(slope) and np.isfinite(intercept) and slope != 0):
@@ -379,12 +379,9 @@ def _frame_hu(frame: Frame, rows: int, cols: int, decoded: dict[Path, np.ndarray
     return _to_hu_int16(pixels.astype(np.float64) * slope + intercept, frame.name)
 
 
-def _decode_pixels(path: Path, rows: int, cols: int) -> np.ndarray:
-    """All frames of a multi-frame file as (frames, rows, cols)."""
-    import pydicom
-
+def _decode_pixels(ds: Any, path: Path, rows: int, cols: int) -> np.ndarray:
+    """All frames of a multi-frame file as (frames, rows, cols), from its already-parsed header."""
     try:
-        ds = pydicom.dcmread(path)
         n = _header_int(ds, "NumberOfFrames", path, 1)
         if _header_int(ds, "Rows", path) != rows or _header_int(ds, "Columns", path) != cols:
             raise StudyError(f"{path.name}: frames are {ds.get('Rows')}x{ds.get('Columns')}, the series {rows}x{cols}")
@@ -399,16 +396,18 @@ def _decode_pixels(path: Path, rows: int, cols: int) -> np.ndarray:
     return pixels
 
 
-def _slice_hu(path: Path, rows: int, cols: int) -> np.ndarray:
-    """One slice's pixels in HU, or a StudyError naming the file and what is wrong with it."""
-    import pydicom
-
+def _slice_hu(ds: Any, path: Path, rows: int, cols: int) -> np.ndarray:
+    """One slice's pixels in HU from its already-parsed header (pixel data read now, then released),
+    or a StudyError naming the file and what is wrong with it."""
     try:
-        return _decode_slice(pydicom.dcmread(path), path, rows, cols)
+        return _decode_slice(ds, path, rows, cols)
     except StudyError:
         raise
     except Exception as e:  # a damaged element raises on access; name the file, keep the traceback as cause
         raise StudyError(f"{path.name}: not a readable CT slice ({type(e).__name__})") from e
+    finally:
+        if "PixelData" in ds:
+            del ds.PixelData  # the volume holds the pixels now; keep the header only
 
 
 def _decode_slice(ds: Any, path: Path, rows: int, cols: int) -> np.ndarray:
