@@ -1,0 +1,255 @@
+"""Build the TensorRT engine of the segmenter from the ONNX export, and publish it only if it is accurate.
+
+    python -m export.build_trt [--precision fp16|int8] [--out model_repository/ct_segmenter/1/model.plan]
+
+Run it where TensorRT and a GPU are (NVIDIA's TensorRT container: `docker compose run --rm engine`):
+engines do not move between TensorRT versions or GPU models. The optimisation profile's min/opt/max
+come from the spec's model-grid bounds; FP16 always, INT8 on request with entropy calibration on
+phantom volumes; a timing cache beside the engine makes rebuilds fast. The accuracy gate compares the
+engine's labels with ONNX Runtime's on held-out phantoms and refuses to publish below Dice 0.99 (FP16)
+or 0.98 (INT8) per label, printing the figures either way.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from medseg.errors import ArtifactError
+from medseg.metrics import dice
+from medseg.spec import MODEL_REPOSITORY, SPEC, padded_shape
+
+VERSION_DIR = MODEL_REPOSITORY / SPEC.segmenter.name / str(SPEC.segmenter.version)
+GATE = {"fp16": 0.99, "int8": 0.98}  # minimum Dice per label against ONNX Runtime
+GATE_SEEDS = (4300, 4301, 4302)  # held out: never used in training, validation or the export check
+CALIBRATION_SEEDS = tuple(range(4400, 4408))
+
+
+@dataclass(frozen=True)
+class Profile:
+    """An optimisation profile: (batch, channel, z, y, x) shapes of the network input."""
+
+    min: tuple[int, ...]
+    opt: tuple[int, ...]
+    max: tuple[int, ...]
+
+
+def optimization_profile() -> Profile:
+    """min/opt/max input shapes from the spec's model-grid bounds, padded to the network's divisor."""
+
+    def shape(grid: tuple[int, int, int]) -> tuple[int, ...]:
+        return (SPEC.max_batch_size, SPEC.network.in_channels, *padded_shape(grid))
+
+    return Profile(shape(SPEC.min_model_grid), shape(SPEC.opt_model_grid), shape(SPEC.max_model_grid))
+
+
+def fit_to(image: np.ndarray, spatial: Sequence[int]) -> np.ndarray:
+    """Centre-crop or zero-pad a (C, Z, Y, X) image to ``spatial`` (for fixed-shape calibration batches)."""
+    out = np.zeros((image.shape[0], *spatial), image.dtype)
+    src, dst = [], []
+    for n, m in zip(image.shape[1:], spatial, strict=True):
+        if n >= m:
+            start = (n - m) // 2
+            src.append(slice(start, start + m))
+            dst.append(slice(0, m))
+        else:
+            start = (m - n) // 2
+            src.append(slice(0, n))
+            dst.append(slice(start, start + n))
+    out[(slice(None), *dst)] = image[(slice(None), *src)]
+    return out
+
+
+def calibration_batches(seeds: Sequence[int] = CALIBRATION_SEEDS) -> Iterator[np.ndarray]:
+    """Preprocessed phantom volumes at the profile's opt shape, (1, 1, Z, Y, X) float32, for INT8 calibration."""
+    from medseg.dali_pipeline import CpuPreprocessor
+    from medseg.phantom import generate
+
+    pre = CpuPreprocessor()
+    opt = optimization_profile().opt
+    for seed in seeds:
+        ph = generate(seed)
+        image, _ = pre(ph.ct, np.asarray(ph.spacing, np.float32))
+        yield np.ascontiguousarray(fit_to(image, opt[2:])[None])
+
+
+@dataclass
+class GateResult:
+    """Per-label Dice of the engine against ONNX Runtime, worst over the studies, and the verdict."""
+
+    precision: str
+    threshold: float
+    worst: dict[str, float]
+
+    @property
+    def passed(self) -> bool:
+        return all(d >= self.threshold for d in self.worst.values())
+
+    def report(self) -> str:
+        figures = ", ".join(f"{name} {d:.4f}" for name, d in self.worst.items())
+        verdict = "passed" if self.passed else "FAILED"
+        return f"accuracy gate ({self.precision}, Dice >= {self.threshold} per label vs ONNX Runtime): {figures}: {verdict}"
+
+
+def accuracy_gate(pairs: Sequence[tuple[np.ndarray, np.ndarray]], precision: str) -> GateResult:
+    """Judge (reference labels, engine labels) pairs: the worst Dice per label must reach the gate."""
+    if precision not in GATE:
+        raise ValueError(f"precision must be one of {sorted(GATE)}, got {precision!r}")
+    worst = {lab.name: 1.0 for lab in SPEC.labels[1:]}
+    for ref, got in pairs:
+        if ref.shape != got.shape:
+            raise ValueError(f"label volumes differ in shape: {ref.shape} vs {got.shape}")
+        for lab in SPEC.labels[1:]:
+            worst[lab.name] = min(worst[lab.name], dice(ref == lab.value, got == lab.value))
+    return GateResult(precision, GATE[precision], worst)
+
+
+def _tensorrt() -> Any:
+    try:
+        import tensorrt as trt
+    except ImportError as e:
+        raise ArtifactError("TensorRT is not installed here: build the engine in NVIDIA's TensorRT container "
+                            "(`docker compose --profile build run --rm engine`)") from e
+    return trt
+
+
+class EntropyCalibrator:
+    """INT8 entropy calibration over :func:`calibration_batches`, device buffers held by PyTorch."""
+
+    def __new__(cls, batches: Iterator[np.ndarray], cache: Path) -> Any:  # a subclass of TensorRT's own class
+        trt = _tensorrt()
+        import torch
+
+        class _Calibrator(trt.IInt8EntropyCalibrator2):  # type: ignore[misc, name-defined]
+            def __init__(self) -> None:
+                super().__init__()
+                self.batches, self.cache = batches, cache
+                self.current: Any = None  # the batch on the GPU, kept alive while TensorRT reads it
+
+            def get_batch_size(self) -> int:
+                return SPEC.max_batch_size
+
+            def get_batch(self, names: list[str]) -> list[int] | None:
+                batch = next(self.batches, None)
+                if batch is None:
+                    return None
+                self.current = torch.from_numpy(batch).cuda()
+                return [int(self.current.data_ptr())]
+
+            def read_calibration_cache(self) -> bytes | None:
+                return self.cache.read_bytes() if self.cache.exists() else None
+
+            def write_calibration_cache(self, data: bytes) -> None:
+                self.cache.write_bytes(bytes(data))
+
+        return _Calibrator()
+
+
+def build_engine(onnx_path: Path, out: Path, precision: str) -> None:
+    """Parse the ONNX model and build a serialized engine with the spec's profile into ``out``."""
+    trt = _tensorrt()
+    logger = trt.Logger(trt.Logger.WARNING)
+    builder = trt.Builder(logger)
+    network = builder.create_network(0)
+    parser = trt.OnnxParser(network, logger)
+    if not parser.parse(onnx_path.read_bytes()):
+        errors = "; ".join(str(parser.get_error(i)) for i in range(parser.num_errors))
+        raise ArtifactError(f"TensorRT could not parse {onnx_path}: {errors}")
+    config = builder.create_builder_config()
+    config.set_flag(trt.BuilderFlag.FP16)
+    profile = builder.create_optimization_profile()
+    p = optimization_profile()
+    (image,) = SPEC.segmenter.inputs
+    profile.set_shape(image.name, p.min, p.opt, p.max)
+    config.add_optimization_profile(profile)
+    if precision == "int8":
+        config.set_flag(trt.BuilderFlag.INT8)
+        config.set_calibration_profile(profile)
+        config.int8_calibrator = EntropyCalibrator(calibration_batches(), out.with_suffix(".calib"))
+    cache_path = out.with_suffix(".timing_cache")
+    cache = config.create_timing_cache(cache_path.read_bytes() if cache_path.exists() else b"")
+    config.set_timing_cache(cache, ignore_mismatch=False)
+    serialized = builder.build_serialized_network(network, config)
+    if serialized is None:
+        raise ArtifactError("TensorRT failed to build the engine (see the log above)")
+    out.write_bytes(bytes(serialized))
+    cache_path.write_bytes(bytes(config.get_timing_cache().serialize()))
+
+
+class EngineRunner:
+    """Runs a serialized engine on one padded (1, Z, Y, X) image; I/O buffers on the GPU via PyTorch."""
+
+    def __init__(self, engine_path: Path) -> None:
+        trt = _tensorrt()
+        self._engine = trt.Runtime(trt.Logger(trt.Logger.WARNING)).deserialize_cuda_engine(engine_path.read_bytes())
+        self._context = self._engine.create_execution_context()
+
+    def __call__(self, image: np.ndarray) -> np.ndarray:
+        import torch
+
+        (inp,) = SPEC.segmenter.inputs
+        (outp,) = SPEC.segmenter.outputs
+        x = torch.from_numpy(np.ascontiguousarray(image[None])).cuda()
+        self._context.set_input_shape(inp.name, tuple(x.shape))
+        y = torch.empty((1, SPEC.num_classes, *x.shape[2:]), dtype=torch.float32, device="cuda")
+        self._context.set_tensor_address(inp.name, int(x.data_ptr()))
+        self._context.set_tensor_address(outp.name, int(y.data_ptr()))
+        stream = torch.cuda.current_stream()
+        if not self._context.execute_async_v3(stream.cuda_stream):
+            raise ArtifactError("TensorRT execution failed")
+        stream.synchronize()
+        return y[0].cpu().numpy()
+
+
+def gate_engine(engine_path: Path, onnx_path: Path, precision: str, seeds: Sequence[int] = GATE_SEEDS) -> GateResult:
+    """Labels of the engine vs ONNX Runtime on held-out phantoms, through the same pre/postprocessing."""
+    from medseg.dali_pipeline import CpuPreprocessor
+    from medseg.inference import OnnxSegmenter
+    from medseg.phantom import generate
+    from medseg.postprocess import logits_to_labels
+
+    pre, ort, engine = CpuPreprocessor(), OnnxSegmenter(onnx_path), EngineRunner(engine_path)
+    pairs = []
+    for seed in seeds:
+        ph = generate(seed)
+        image, grid = pre(ph.ct, np.asarray(ph.spacing, np.float32))
+        pairs.append((logits_to_labels(ort(image), grid), logits_to_labels(engine(image), grid)))
+    return accuracy_gate(pairs, precision)
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--precision", choices=sorted(GATE), default="fp16")
+    ap.add_argument("--onnx", type=Path, default=VERSION_DIR / "model.onnx")
+    ap.add_argument("--out", type=Path, default=VERSION_DIR / "model.plan")
+    args = ap.parse_args(argv)
+    staged = args.out.with_suffix(".plan.tmp")
+    t0 = time.time()
+    try:
+        if not args.onnx.exists():
+            raise ArtifactError(f"{args.onnx} not found: run `make artifacts` first")
+        p = optimization_profile()
+        print(f"building {args.precision} engine: profile min {p.min} opt {p.opt} max {p.max}", flush=True)
+        build_engine(args.onnx, staged, args.precision)
+        result = gate_engine(staged, args.onnx, args.precision)
+        print(result.report())
+        if not result.passed:
+            raise ArtifactError("the engine is not published")
+        staged.replace(args.out)
+    except ArtifactError as e:
+        staged.unlink(missing_ok=True)
+        print(f"engine build failed: {e}", file=sys.stderr)
+        return 1
+    print(f"wrote {args.out} in {time.time() - t0:.0f} s")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
