@@ -170,18 +170,15 @@ def _frames_of(path: Path, ds: Any) -> list[Frame]:
             if orient is None or pos is None or meas is None:
                 raise StudyError(f"{where}: plane orientation, position or pixel measures are missing")
             spacing = _floats(meas.get("PixelSpacing"), 2, "PixelSpacing", where)
-            slope = _number(pvt.get("RescaleSlope") if pvt is not None else None, 1.0)
-            intercept = _number(pvt.get("RescaleIntercept") if pvt is not None else None, 0.0)
             frames.append(Frame(path, i, ds, _floats(orient.get("ImageOrientationPatient"), 6, "orientation", where),
                                 _floats(pos.get("ImagePositionPatient"), 3, "ImagePositionPatient", where),
-                                (float(spacing[0]), float(spacing[1])), (slope, intercept)))
+                                (float(spacing[0]), float(spacing[1])), _rescale(pvt, where)))
         return frames
     where = path.name
     spacing = _floats(ds.get("PixelSpacing"), 2, "PixelSpacing", where)
     return [Frame(path, 0, ds, _floats(ds.get("ImageOrientationPatient"), 6, "ImageOrientationPatient", where),
                   _floats(ds.get("ImagePositionPatient"), 3, "ImagePositionPatient", where),
-                  (float(spacing[0]), float(spacing[1])),
-                  (_number(ds.get("RescaleSlope"), 1.0), _number(ds.get("RescaleIntercept"), 0.0)))]
+                  (float(spacing[0]), float(spacing[1])), _rescale(ds, where))]
 
 
 def _scan(files: list[Path]) -> dict[str, list[tuple[Path, Any]]]:
@@ -367,12 +364,13 @@ def retilt_labels(native: np.ndarray, shifts: np.ndarray) -> np.ndarray:
 
 
 def _frame_hu(frame: Frame, rows: int, cols: int, decoded: dict[Path, np.ndarray]) -> np.ndarray:
-    """One frame's pixels in HU (a multi-frame file is decoded once)."""
-    if frame.index == 0 and not _is_multiframe(frame.ds):
-        return _slice_hu(frame.ds, frame.path, rows, cols)
-    if frame.path not in decoded:
-        decoded[frame.path] = _decode_pixels(frame.ds, frame.path, rows, cols)
-    pixels = decoded[frame.path][frame.index]
+    """One frame's pixels in HU with the frame's rescale (a multi-frame file is decoded once)."""
+    if _is_multiframe(frame.ds):
+        if frame.path not in decoded:
+            decoded[frame.path] = _decode_pixels(frame.ds, frame.path, rows, cols)
+        pixels = decoded[frame.path][frame.index]
+    else:
+        pixels = _slice_pixels(frame.ds, frame.path, rows, cols)
     slope, intercept = frame.rescale
     if not (np.isfinite(slope) and np.isfinite(intercept) and slope != 0):
         raise StudyError(f"{frame.name}: rescale slope {slope} / intercept {intercept} are not usable")
@@ -396,8 +394,8 @@ def _decode_pixels(ds: Any, path: Path, rows: int, cols: int) -> np.ndarray:
     return pixels
 
 
-def _slice_hu(ds: Any, path: Path, rows: int, cols: int) -> np.ndarray:
-    """One slice's pixels in HU from its already-parsed header (pixel data read now, then released),
+def _slice_pixels(ds: Any, path: Path, rows: int, cols: int) -> np.ndarray:
+    """One slice's stored pixels from its already-parsed header (pixel data read now, then released),
     or a StudyError naming the file and what is wrong with it."""
     try:
         return _decode_slice(ds, path, rows, cols)
@@ -423,14 +421,7 @@ def _decode_slice(ds: Any, path: Path, rows: int, cols: int) -> np.ndarray:
                          f"{type(e).__name__})") from e
     if pixels.shape != (rows, cols):
         raise StudyError(f"{path.name}: decoded pixels have shape {pixels.shape}, expected {(rows, cols)}")
-    try:
-        slope = _number(ds.get("RescaleSlope"), 1.0)
-        intercept = _number(ds.get("RescaleIntercept"), 0.0)
-    except (TypeError, ValueError) as e:
-        raise StudyError(f"{path.name}: RescaleSlope/RescaleIntercept are not numbers") from e
-    if not (np.isfinite(slope) and np.isfinite(intercept) and slope != 0):
-        raise StudyError(f"{path.name}: rescale slope {slope} / intercept {intercept} are not usable")
-    return _to_hu_int16(pixels.astype(np.float64) * slope + intercept, path.name)
+    return np.asarray(pixels)
 
 
 def _header_int(ds: Any, keyword: str, path: Path, default: int = 0) -> int:
@@ -447,6 +438,15 @@ def _header_int(ds: Any, keyword: str, path: Path, default: int = 0) -> int:
 def _number(value: Any, default: float) -> float:
     """A DS value as float; ``default`` only when the element is absent or empty."""
     return default if value is None or value == "" else float(value)
+
+
+def _rescale(item: Any, where: str) -> tuple[float, float]:
+    """(slope, intercept) of a dataset or functional-group item (1, 0 where absent)."""
+    try:
+        return (_number(item.get("RescaleSlope") if item is not None else None, 1.0),
+                _number(item.get("RescaleIntercept") if item is not None else None, 0.0))
+    except (TypeError, ValueError) as e:
+        raise StudyError(f"{where}: RescaleSlope/RescaleIntercept are not numbers") from e
 
 
 def _claims_dicom(path: Path) -> bool:
