@@ -247,7 +247,7 @@ def read_dicom_series(folder: Path, series_uid: str | None = None) -> Study:
         raise StudyError(f"{first.name}: ImageOrientationPatient or PixelSpacing is degenerate "
                          f"(orientation {iop.tolist()}, spacing {dr} x {dc} mm)")
     frames.sort(key=lambda f: float(f.ipp @ normal))
-    dz = check_slice_geometry(frames, folder)
+    dz, tilt = check_slice_geometry(frames, folder)
     rows, cols = _header_int(first.ds, "Rows", first.path), _header_int(first.ds, "Columns", first.path)
     if not (0 < rows <= MAX_MATRIX and 0 < cols <= MAX_MATRIX):
         raise StudyError(f"{first.name}: image matrix {rows}x{cols} is outside 1..{MAX_MATRIX}")
@@ -257,7 +257,7 @@ def read_dicom_series(folder: Path, series_uid: str | None = None) -> Study:
     decoded: dict[Path, np.ndarray] = {}
     for k, f in enumerate(frames):
         volume[k] = _frame_hu(f, rows, cols, decoded)
-    shifts = tilt_shifts(frames, (dr, dc))
+    shifts = tilt_shifts(frames, (dr, dc)) if tilt > MIN_TILT_DEG else None
     if shifts is not None:
         volume = untilt(volume, shifts)
     # affine from (column i, row j, slice k) index to LPS, then to RAS for the orientation code
@@ -274,14 +274,14 @@ def read_dicom_series(folder: Path, series_uid: str | None = None) -> Study:
         sheared[:3, 2] = (frames[-1].ipp - frames[0].ipp) / (len(frames) - 1)
         study.native_affine_ras = _RAS_FROM_LPS @ sheared
         study.slice_shifts = shifts
-        tilt = np.degrees(np.arctan(np.hypot(*(shifts[-1] * (dr, dc))) / (dz * (len(frames) - 1))))
         note += f"; gantry tilt of {tilt:.1f} degrees corrected by shifting slices in-plane"
     study.series_uid, study.note = chosen, note
     return study
 
 
-def check_slice_geometry(frames: list[Frame], folder: Path) -> float:
-    """The series' geometry rules, on frames sorted along the normal; returns the slice spacing.
+def check_slice_geometry(frames: list[Frame], folder: Path) -> tuple[float, float]:
+    """The series' geometry rules, on frames sorted along the normal; returns the slice spacing (mm) and the
+    gantry tilt (degrees).
 
     - every slice has the series' orientation and pixel spacing (within 1e-3): otherwise refused;
     - no two slices share a position along the normal (duplicates);
@@ -326,20 +326,17 @@ def check_slice_geometry(frames: list[Frame], folder: Path) -> float:
     if tilt > MAX_TILT_DEG:
         raise StudyError(f"{folder}: gantry tilt of {tilt:.1f} degrees exceeds the {MAX_TILT_DEG:.0f} degrees "
                          "this reader corrects")
-    return dz
+    return dz, tilt
 
 
-def tilt_shifts(frames: list[Frame], pixel_spacing: tuple[float, float]) -> np.ndarray | None:
-    """Per slice, the in-plane offset (rows, columns) of a tilted series from the first slice; None if untilted."""
+def tilt_shifts(frames: list[Frame], pixel_spacing: tuple[float, float]) -> np.ndarray:
+    """Per slice, the in-plane offset (rows, columns) of a tilted series from the first slice."""
     iop = frames[0].iop
     row_dir, col_dir = iop[:3], iop[3:]
     normal = np.cross(row_dir, col_dir)
     d = np.array([f.ipp - frames[0].ipp for f in frames])
     d -= np.outer(d @ normal, normal)
-    shifts = np.stack([d @ col_dir / pixel_spacing[0], d @ row_dir / pixel_spacing[1]], axis=1)
-    along = abs(float((frames[-1].ipp - frames[0].ipp) @ normal))
-    tilt = np.degrees(np.arctan2(np.linalg.norm(d[-1]), along))
-    return shifts if tilt > MIN_TILT_DEG else None
+    return np.stack([d @ col_dir / pixel_spacing[0], d @ row_dir / pixel_spacing[1]], axis=1)
 
 
 def untilt(volume: np.ndarray, shifts: np.ndarray) -> np.ndarray:
