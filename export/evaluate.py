@@ -15,7 +15,7 @@ from typing import Any
 
 import numpy as np
 
-from medseg.metrics import dice, match_tumors
+from medseg.metrics import dice, locate_tumors, match_tumors
 from medseg.phantom import generate
 from medseg.pipeline import ReferencePipeline
 from medseg.spec import SPEC
@@ -29,9 +29,7 @@ def evaluate(seeds: list[int]) -> list[dict[str, Any]]:
     for seed in seeds:
         ph = generate(seed)
         labels, findings = pipe(ph.ct, ph.spacing)
-        affine = ph.affine_lps()
-        found = [{**t, "centroid_lps_mm": list((affine @ [*t["centroid_voxel_zyx"][::-1], 1.0])[:3])}
-                 for t in findings["tumors"]]
+        found = locate_tumors(findings["tumors"], ph.affine_lps())
         matches = match_tumors([t.__dict__ for t in ph.tumors], found)
         row = {"seed": seed, "liver_dice": round(dice(labels > 0, ph.labels > 0), 4),
                "tumor_dice": round(dice(labels == tumor, ph.labels == tumor), 4),

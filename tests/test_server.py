@@ -19,7 +19,7 @@ import pytest
 from medseg_client.client import SegmentationClient, SegmentationResult
 
 from medseg.errors import StudyError
-from medseg.metrics import dice, match_tumors
+from medseg.metrics import dice, locate_tumors, match_tumors
 from medseg.network import weights_info
 from medseg.phantom import Phantom, generate
 from medseg.spec import SPEC
@@ -61,9 +61,7 @@ def test_liver_dice_on_an_unseen_phantom_is_at_least_0_90(seed: int, served: dic
 @pytest.mark.parametrize("seed", UNSEEN_SEEDS)
 def test_every_tumor_of_10_mm_or_more_is_found(seed: int, served: dict) -> None:  # type: ignore[type-arg]
     ph, result = served[seed]
-    affine = ph.affine_lps()
-    found = [{**t, "centroid_lps_mm": list((affine @ [*t["centroid_voxel_zyx"][::-1], 1.0])[:3])}
-             for t in result.findings["tumors"]]
+    found = locate_tumors(result.findings["tumors"], ph.affine_lps())
     matches = match_tumors([t.__dict__ for t in ph.tumors], found)
     missed = [m for m in matches if m["diameter_mm"] >= 10 and m["matched_id"] is None]
     assert missed == [], f"missed tumors: {missed}; reported: {result.findings['tumors']}"

@@ -28,3 +28,9 @@ def match_tumors(truth: list[dict[str, Any]], found: list[dict[str, Any]], margi
         out.append({"diameter_mm": t["diameter_mm"], "center_mm": t["center_mm"], "matched_id": best,
                     "distance_mm": None if best is None else round(best_d, 1)})
     return out
+
+
+def locate_tumors(tumors: list[dict[str, Any]], affine_lps: np.ndarray) -> list[dict[str, Any]]:
+    """Reported tumors with ``centroid_lps_mm`` added from their (z, y, x) voxel centroid and the
+    study's (x, y, z) index -> LPS affine."""
+    return [{**t, "centroid_lps_mm": list((affine_lps @ [*t["centroid_voxel_zyx"][::-1], 1.0])[:3])} for t in tumors]
