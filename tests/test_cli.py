@@ -6,6 +6,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 MEDSEG = [sys.executable, "-m", "medseg_client.cli"]
 
 
@@ -36,3 +38,18 @@ def test_segment_with_no_server_fails_clearly_and_writes_nothing(tmp_path: Path)
     assert r.returncode == 2, r.stderr
     assert "unavailable" in r.stderr.lower() and "Traceback" not in r.stderr
     assert not out.exists() and not list(tmp_path.glob(".medseg-*"))
+
+
+def test_serve_cuda_without_a_gpu_says_why_in_one_line() -> None:
+    from medseg.errors import ServerError
+    from medseg.flavors import require_cuda
+
+    try:
+        require_cuda()
+    except ServerError:
+        pass
+    else:
+        pytest.skip("this machine has a GPU: the refusal cannot be shown")
+    r = run("serve", "--flavor", "cuda", "--grpc-port", "0")
+    assert r.returncode == 2 and "Traceback" not in r.stderr
+    assert "CUDA device" in r.stderr and r.stderr.strip().count("\n") == 0

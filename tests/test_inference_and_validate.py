@@ -23,8 +23,10 @@ def test_z_tiles_keep_every_slice_exactly_once(depth: int) -> None:
     assert (kept == 1).all()
 
 
-def test_tiled_run_equals_a_whole_run_for_a_local_operator() -> None:
+@pytest.mark.parametrize("array", ["numpy", "torch"])
+def test_tiled_run_equals_a_whole_run_for_a_local_operator(array: str) -> None:
     def runner(batch: np.ndarray) -> np.ndarray:  # a local (3-slice) operator, like a shallow convnet
+        assert batch.flags.c_contiguous
         x = batch[:, 0]
         smooth = (np.roll(x, 1, 1) + x + np.roll(x, -1, 1)) / 3
         smooth[:, 0], smooth[:, -1] = x[:, 0], x[:, -1]
@@ -32,8 +34,18 @@ def test_tiled_run_equals_a_whole_run_for_a_local_operator() -> None:
 
     rng = np.random.default_rng(1)
     image = rng.random((1, 160, 16, 16)).astype(np.float32)
-    whole = run_tiled(runner, image, tile_voxels=10**9)
-    tiled = run_tiled(runner, image, tile_voxels=48 * 16 * 16)
+    if array == "torch":  # the GPU flavors tile torch tensors on their device
+        import torch
+
+        def torch_runner(batch: torch.Tensor) -> torch.Tensor:
+            assert batch.is_contiguous()
+            return torch.from_numpy(runner(batch.numpy()))
+
+        whole = run_tiled(torch_runner, torch.from_numpy(image), tile_voxels=10**9).numpy()
+        tiled = run_tiled(torch_runner, torch.from_numpy(image), tile_voxels=48 * 16 * 16).numpy()
+    else:
+        whole = run_tiled(runner, image, tile_voxels=10**9)
+        tiled = run_tiled(runner, image, tile_voxels=48 * 16 * 16)
     np.testing.assert_allclose(tiled, whole)
 
 

@@ -22,11 +22,13 @@ def test_config_check_reports_a_hand_edited_config(tmp_path: Path) -> None:
     assert configgen.check({edited: text}), "a config edited by hand must be reported"
 
 
-def test_every_model_has_a_cpu_flavor_or_is_the_ensemble() -> None:
+def test_every_model_has_cpu_and_cuda_flavors_or_is_the_ensemble() -> None:
     files = {p.relative_to(REPO_ROOT).as_posix() for p in configgen.configs()}
     for model in (SPEC.preprocess, SPEC.segmenter, SPEC.postprocess):
         assert f"model_repository/{model.name}/config.pbtxt" in files
         assert f"model_repository/{model.name}/configs/cpu.pbtxt" in files
+        assert f"model_repository/{model.name}/configs/cuda.pbtxt" in files
+    assert not any(f.startswith(f"model_repository/{SPEC.ensemble.name}/configs/") for f in files)  # one ensemble
 
 
 def _sources() -> list[Path]:

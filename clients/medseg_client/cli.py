@@ -30,10 +30,17 @@ def cmd_phantom(args: argparse.Namespace) -> int:
 def cmd_serve(args: argparse.Namespace) -> int:
     from medseg.server import EmbeddedServer, ServerOptions
 
+    extra: list[str] = []
     if args.flavor == "cuda":
-        raise MedsegError("the cuda flavor is not built yet (issue 4); use --flavor cpu")
+        import torch
+
+        from medseg.flavors import require_cuda
+
+        require_cuda()  # refuse here, with the reason, rather than as a model load failure in the server's log
+        # GPU tensors pass between the ensemble's steps through Triton's CUDA memory pool: 1 GiB per GPU
+        extra = [f"--cuda-memory-pool-byte-size={i}:{1 << 30}" for i in range(torch.cuda.device_count())]
     server = EmbeddedServer(ServerOptions(flavor=args.flavor, grpc_port=args.grpc_port, http_port=args.http_port,
-                                          metrics_port=args.metrics_port, address=args.address))
+                                          metrics_port=args.metrics_port, address=args.address, extra_args=extra))
     t0 = time.monotonic()
 
     def announce() -> None:

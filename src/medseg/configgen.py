@@ -4,8 +4,9 @@
     python -m medseg.configgen --check  # exit 1 and show a diff if a committed config differs
 
 Flavors follow Triton's ``--model-config-name``: ``config.pbtxt`` is GPU production (DALI backend ->
-TensorRT plan -> python postprocess); ``configs/cpu.pbtxt`` is the embedded default (the same DALI
-pipeline in the python backend -> ONNX Runtime -> the same postprocess).
+TensorRT plan -> python postprocess on the GPU); ``configs/cpu.pbtxt`` is the embedded default (the same
+DALI pipeline in the python backend -> ONNX Runtime -> the same postprocess); ``configs/cuda.pbtxt`` is
+for GPU hosts without NVIDIA's container (every step in PyTorch on the GPU, tensors passed by DLPack).
 """
 
 from __future__ import annotations
@@ -112,26 +113,52 @@ def _instances(kind: str, count: int = 1) -> dict[str, Any]:
     return {"instance_group": [{"kind": Enum(kind), "count": count}]}
 
 
-def configs() -> dict[Path, str]:
-    """Every configuration file of the repository, path -> text."""
+def _python_on_gpu(model: ModelIO, kind: str, **params: str) -> dict[str, Any]:
+    """A python-backend model whose tensors may stay on the GPU (DLPack in and out)."""
+    return {**_base(model), "backend": "python", **_pinned(model), **_instances(kind),
+            "parameters": _params(**params, FORCE_CPU_ONLY_INPUT_TENSORS="no")}
+
+
+def cuda_flavor(kind: str = "KIND_GPU") -> dict[str, dict[str, Any]]:
+    """The cuda flavor: every step in PyTorch (CuPy for components) on the instance's GPU.
+
+    ``kind`` is KIND_GPU in the repository; a test writes the same configs with KIND_CPU to run the
+    flavor's code through the real server on a machine without a GPU.
+    """
     pre, seg, post = SPEC.preprocess, SPEC.segmenter, SPEC.postprocess
-    files: dict[str, dict[str, Any]] = {
+    return {
+        f"{pre.name}/configs/cuda.pbtxt": _python_on_gpu(pre, kind, engine="torch"),
+        f"{seg.name}/configs/cuda.pbtxt": _python_on_gpu(seg, kind, engine="torch", precision="fp16"),
+        f"{post.name}/configs/cuda.pbtxt": _python_on_gpu(post, kind, engine="torch"),
+    }
+
+
+def config_dicts() -> dict[str, dict[str, Any]]:
+    """Every model configuration as nested dicts, by path relative to the repository."""
+    pre, seg, post = SPEC.preprocess, SPEC.segmenter, SPEC.postprocess
+    return {
         f"{SPEC.ensemble.name}/config.pbtxt": ensemble_config(),
-        # GPU production flavor
+        # GPU production flavor: DALI on the GPU -> TensorRT -> postprocess on the GPU
         f"{pre.name}/config.pbtxt": {**_base(pre), "backend": "dali", **_pinned(pre), **_instances("KIND_GPU"),
                                      "parameters": _params(num_threads="4")},
         f"{seg.name}/config.pbtxt": {**_base(seg), "platform": "tensorrt_plan", **_pinned(seg),
                                      **_instances("KIND_GPU")},
-        f"{post.name}/config.pbtxt": {**_base(post), "backend": "python", **_pinned(post), **_instances("KIND_GPU")},
+        f"{post.name}/config.pbtxt": _python_on_gpu(post, "KIND_GPU", engine="torch"),
         # CPU flavor: the same pipeline definition, ONNX Runtime, the same postprocess
         f"{pre.name}/configs/cpu.pbtxt": {**_base(pre), "backend": "python", **_pinned(pre), **_instances("KIND_CPU"),
-                                          "parameters": _params(num_threads="2")},
+                                          "parameters": _params(engine="dali", num_threads="2")},
         f"{seg.name}/configs/cpu.pbtxt": {**_base(seg), "backend": "python", **_pinned(seg), **_instances("KIND_CPU"),
-                                          "parameters": _params(onnx_file="model.onnx", intra_op_threads="0")},
+                                          "parameters": _params(engine="onnxruntime", onnx_file="model.onnx",
+                                                                intra_op_threads="0")},
         f"{post.name}/configs/cpu.pbtxt": {**_base(post), "backend": "python", **_pinned(post),
-                                           **_instances("KIND_CPU")},
+                                           **_instances("KIND_CPU"), "parameters": _params(engine="numpy")},
+        **cuda_flavor(),
     }
-    return {MODEL_REPOSITORY / rel: to_pbtxt(cfg) for rel, cfg in files.items()}
+
+
+def configs() -> dict[Path, str]:
+    """Every configuration file of the repository, path -> text."""
+    return {MODEL_REPOSITORY / rel: to_pbtxt(cfg) for rel, cfg in config_dicts().items()}
 
 
 def check(repo_files: dict[Path, str]) -> list[str]:

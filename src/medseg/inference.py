@@ -1,19 +1,21 @@
-"""Running the segmenter: ONNX Runtime on the CPU, tiled along z when a volume is large.
+"""Running the segmenter: ONNX Runtime on the CPU, or PyTorch on any device; tiled along z when large.
 
 Tiles are windows of whole (y, x) planes with an overlap; each keeps its central slices, so the
-stitched logits match a whole-volume run away from tile seams and memory stays bounded.
+stitched logits match a whole-volume run away from tile seams and memory stays bounded. The tiling
+works on numpy arrays and on torch tensors alike (a GPU flavor's tiles never leave the GPU).
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
 from medseg.spec import SPEC
 
-Runner = Callable[[np.ndarray], np.ndarray]  # (1, 1, Z, Y, X) -> (1, C, Z, Y, X)
+Runner = Callable[[Any], Any]  # (1, 1, Z, Y, X) -> (1, C, Z, Y, X), numpy arrays or torch tensors
 
 
 def z_tiles(depth: int, plane: int, tile_voxels: int, overlap: int, divisor: int) -> list[tuple[int, int, int, int]]:
@@ -36,15 +38,18 @@ def z_tiles(depth: int, plane: int, tile_voxels: int, overlap: int, divisor: int
     return tiles
 
 
-def run_tiled(run: Runner, image: np.ndarray, tile_voxels: int = SPEC.tile_voxels) -> np.ndarray:
-    """(C, Z, Y, X) logits of a padded (1, Z, Y, X) image, whole or in z tiles."""
+def run_tiled(run: Runner, image: Any, tile_voxels: int = SPEC.tile_voxels) -> Any:
+    """(C, Z, Y, X) logits of a padded (1, Z, Y, X) image (numpy array or torch tensor), whole or in z tiles."""
     _, depth, h, w = image.shape
     tiles = z_tiles(depth, h * w, tile_voxels, SPEC.tile_overlap, SPEC.network.size_divisor)
     if len(tiles) == 1:
         return run(image[None])[0]
-    out = np.empty((SPEC.num_classes, depth, h, w), np.float32)
+    shape = (SPEC.num_classes, depth, h, w)
+    is_numpy = isinstance(image, np.ndarray)
+    out = np.empty(shape, np.float32) if is_numpy else image.new_empty(shape)
     for start, stop, keep_start, keep_stop in tiles:
-        logits = run(np.ascontiguousarray(image[None, :, start:stop]))[0]
+        tile = image[None, :, start:stop]
+        logits = run(np.ascontiguousarray(tile) if is_numpy else tile.contiguous())[0]
         out[:, keep_start:keep_stop] = logits[:, keep_start - start : keep_stop - start]
     return out
 
@@ -67,4 +72,29 @@ class OnnxSegmenter:
         return self._session.run([self._output], {self._input: batch})[0]  # type: ignore[no-any-return]
 
     def __call__(self, image: np.ndarray) -> np.ndarray:
+        return run_tiled(self.run, image)
+
+
+class TorchSegmenter:
+    """The shipped weights in PyTorch on ``device`` (FP16 autocast on a GPU); call with a padded (1, Z, Y, X) tensor."""
+
+    def __init__(self, device: str = "cpu", precision: str = "fp16") -> None:
+        import torch
+
+        from medseg.network import load_network
+
+        if precision not in ("fp16", "fp32"):
+            raise ValueError(f"precision must be fp16 or fp32, got {precision!r}")
+        self.device = torch.device(device)
+        self._model = load_network().to(self.device)
+        self._half = precision == "fp16" and self.device.type == "cuda"  # CPU convolutions stay in fp32
+
+    def run(self, batch: Any) -> Any:
+        """(1, C, Z, Y, X) float32 logits of one (1, 1, Z, Y, X) batch, on the device."""
+        import torch
+
+        with torch.inference_mode(), torch.autocast(self.device.type, dtype=torch.float16, enabled=self._half):
+            return self._model(batch.to(self.device)).float()
+
+    def __call__(self, image: Any) -> Any:
         return run_tiled(self.run, image)

@@ -121,7 +121,12 @@ def postprocess(
     """The whole postprocessing: (labels on the study's grid, findings)."""
     labels = keep_liver_and_its_tumors(logits_to_labels(logits, grid))
     full = to_input_grid(labels, ct.shape, spacing)
-    findings = measure(full, ct, spacing)
-    findings["model_grid_zyx"] = [int(g) for g in grid]
-    findings["study_grid"] = {"shape_zyx": [int(n) for n in ct.shape], "spacing_zyx_mm": [float(s) for s in spacing]}
-    return full, findings
+    return full, findings(full, grid, ct, spacing)
+
+
+def findings(labels: np.ndarray, grid: Sequence[int], ct: np.ndarray, spacing: Sequence[float]) -> dict[str, Any]:
+    """The findings document of labels already on the study's grid (every flavor measures them here)."""
+    doc = measure(labels, ct, spacing)
+    doc["model_grid_zyx"] = [int(g) for g in grid]
+    doc["study_grid"] = {"shape_zyx": [int(n) for n in ct.shape], "spacing_zyx_mm": [float(s) for s in spacing]}
+    return doc

@@ -1,7 +1,8 @@
 """The embedded Triton Inference Server: the real ``tritonserver`` shipped inside the nvidia-pytriton wheel.
 
 It runs on a CPU-only machine with the python backend and ensembles; ``--model-config-name`` picks
-the flavor (``cpu`` here). Readiness is polled on ``/v2/health/ready``, never waited for by a fixed sleep.
+the flavor (``cpu`` by default; ``cuda`` on a GPU host). Readiness is polled on ``/v2/health/ready``,
+never waited for by a fixed sleep.
 """
 
 from __future__ import annotations

@@ -1,7 +1,9 @@
-"""The preprocessing and label-resampling math in PyTorch, for GPU flavors (any torch device).
+"""The preprocessing and postprocessing math in PyTorch, for GPU flavors (any torch device).
 
 Same centred-grid convention as ``medseg.preprocess`` (whose coordinate functions it reuses), so a
-GPU flavor agrees with DALI and with the numpy reference; tested on the CPU against both.
+GPU flavor agrees with DALI and with the numpy reference; tested on the CPU against both. Connected
+components run in CuPy on a CUDA device (torch has none) and in scipy on the CPU; only the uint8
+labels leave the device, and the findings are measured from them by ``medseg.postprocess``.
 """
 
 from __future__ import annotations
@@ -58,3 +60,49 @@ def to_input_grid(labels: Any, input_shape: Sequence[int], spacing: Sequence[flo
         idx = target_indices(int(n_in), SPEC.model_spacing[axis] / float(spacing[axis]), labels.shape[axis])
         out = out.index_select(axis, torch.as_tensor(idx, device=labels.device))
     return out
+
+
+def logits_to_labels(logits: Any, grid: Sequence[int]) -> Any:
+    """Argmax over classes of (C, Z, Y, X) logits, cropped to the unpadded model grid (uint8, on the device)."""
+    import torch
+
+    if logits.ndim != 4 or logits.shape[0] != SPEC.num_classes:
+        raise ValueError(f"logits must be (classes={SPEC.num_classes}, z, y, x), got shape {tuple(logits.shape)}")
+    z, y, x = (int(g) for g in grid)
+    if z > logits.shape[1] or y > logits.shape[2] or x > logits.shape[3]:
+        raise ValueError(f"model grid {tuple(grid)} exceeds the logits' spatial shape {tuple(logits.shape[1:])}")
+    return logits[:, :z, :y, :x].argmax(dim=0).to(torch.uint8)
+
+
+def _components(mask: Any) -> Any:
+    """26-connected component ids (int32, 0 = background) of a boolean tensor, on its own device."""
+    import torch
+
+    if mask.device.type == "cuda":
+        import cupy
+        from cupyx.scipy import ndimage as cundimage
+
+        with cupy.cuda.Device(mask.device.index):
+            comp, _ = cundimage.label(cupy.from_dlpack(mask.to(torch.uint8)), structure=cupy.ones((3, 3, 3), bool))
+            return torch.from_dlpack(comp.astype(cupy.int32))
+    from scipy import ndimage
+
+    comp, _ = ndimage.label(mask.numpy(), structure=np.ones((3, 3, 3), bool))
+    return torch.from_numpy(comp.astype(np.int32))
+
+
+def keep_liver_and_its_tumors(labels: Any) -> Any:
+    """Keep the largest connected organ (liver + tumor voxels), as ``medseg.postprocess`` does, on the device."""
+    import torch
+
+    comp = _components(labels > 0)
+    sizes = torch.bincount(comp.flatten().long())
+    if sizes.numel() <= 1:
+        return torch.zeros_like(labels)
+    sizes[0] = 0
+    return torch.where(comp == sizes.argmax(), labels, torch.zeros_like(labels))
+
+
+def labels_on_input_grid(logits: Any, grid: Sequence[int], input_shape: Sequence[int], spacing: Sequence[float]) -> Any:
+    """The device half of the postprocessing: clean uint8 labels on the study's grid, still on the device."""
+    return to_input_grid(keep_liver_and_its_tumors(logits_to_labels(logits, grid)), input_shape, spacing)

@@ -2,6 +2,8 @@
 
 ``pb_utils`` (``triton_python_backend_utils``) exists only inside Triton's stub, so it is passed in.
 A refused study becomes INVALID_ARG with its reason; anything else INTERNAL with the error's type.
+Tensors cross as numpy arrays in host memory (``NumpyTensors``) or, in the GPU flavors, as torch
+tensors through DLPack wherever they live (``TorchTensors``), so GPU data stays on the GPU.
 """
 
 from __future__ import annotations
@@ -15,7 +17,37 @@ import numpy as np
 from medseg.errors import StudyError
 from medseg.spec import SPEC, ModelIO
 
-Handler = Callable[[dict[str, np.ndarray]], dict[str, np.ndarray]]
+Handler = Callable[[dict[str, Any]], dict[str, Any]]
+
+
+class NumpyTensors:
+    """Inputs as numpy arrays in host memory; outputs from numpy arrays."""
+
+    def unpack(self, tensor: Any) -> Any:
+        return tensor.as_numpy()
+
+    def pack(self, pb_utils: Any, name: str, value: Any) -> Any:
+        return pb_utils.Tensor(name, np.ascontiguousarray(value)[None])
+
+
+class TorchTensors(NumpyTensors):
+    """Inputs as torch tensors through DLPack, on the device they arrived on (no copy); torch outputs leave
+    the same way (a GPU tensor stays on the GPU), numpy outputs (strings, host results) as numpy."""
+
+    def unpack(self, tensor: Any) -> Any:
+        import torch.utils.dlpack
+
+        return torch.utils.dlpack.from_dlpack(tensor.to_dlpack())
+
+    def pack(self, pb_utils: Any, name: str, value: Any) -> Any:
+        if isinstance(value, np.ndarray):
+            return super().pack(pb_utils, name, value)
+        import torch.utils.dlpack
+
+        return pb_utils.Tensor.from_dlpack(name, torch.utils.dlpack.to_dlpack(value[None].contiguous()))
+
+
+NUMPY = NumpyTensors()
 
 
 def model_parameters(args: dict[str, Any]) -> dict[str, str]:
@@ -24,14 +56,20 @@ def model_parameters(args: dict[str, Any]) -> dict[str, str]:
     return {k: v.get("string_value", "") for k, v in config.get("parameters", {}).items()}
 
 
-def unbatch(tensor: np.ndarray, name: str) -> np.ndarray:
-    """Drop the batch dimension (the spec's max_batch_size is 1)."""
+def instance_device(args: dict[str, Any]) -> str:
+    """The torch device of a model instance: ``cuda:<id>`` for a KIND_GPU instance, ``cpu`` otherwise."""
+    return f"cuda:{int(args['model_instance_device_id'])}" if args.get("model_instance_kind") == "GPU" else "cpu"
+
+
+def unbatch(tensor: Any, name: str) -> Any:
+    """Drop the batch dimension (the spec's max_batch_size is 1) of an array or tensor."""
     if tensor.ndim == 0 or tensor.shape[0] != SPEC.max_batch_size:
-        raise StudyError(f"{name}: expected a batch of {SPEC.max_batch_size}, got shape {tensor.shape}")
+        raise StudyError(f"{name}: expected a batch of {SPEC.max_batch_size}, got shape {tuple(tensor.shape)}")
     return tensor[0]
 
 
-def execute(requests: list[Any], pb_utils: Any, model: ModelIO, handler: Handler) -> list[Any]:
+def execute(requests: list[Any], pb_utils: Any, model: ModelIO, handler: Handler,
+            tensors: NumpyTensors = NUMPY) -> list[Any]:
     """Run ``handler`` on each request's unbatched inputs; one response per request, errors included."""
     responses = []
     for request in requests:
@@ -41,10 +79,10 @@ def execute(requests: list[Any], pb_utils: Any, model: ModelIO, handler: Handler
                 tensor = pb_utils.get_input_tensor_by_name(request, spec.name)
                 if tensor is None:
                     raise StudyError(f"missing input {spec.name}")
-                inputs[spec.name] = unbatch(tensor.as_numpy(), spec.name)
+                inputs[spec.name] = unbatch(tensors.unpack(tensor), spec.name)
             outputs = handler(inputs)
             responses.append(pb_utils.InferenceResponse(output_tensors=[
-                pb_utils.Tensor(spec.name, np.ascontiguousarray(outputs[spec.name])[None]) for spec in model.outputs
+                tensors.pack(pb_utils, spec.name, outputs[spec.name]) for spec in model.outputs
             ]))
         except StudyError as e:
             responses.append(pb_utils.InferenceResponse(

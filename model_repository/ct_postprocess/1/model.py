@@ -1,22 +1,16 @@
-"""ct_postprocess: labels back on the study's grid, liver and tumor components, findings (JSON)."""
-
-from pathlib import Path
+"""ct_postprocess: labels back on the study's grid, the largest organ kept, findings (JSON); in numpy on the
+CPU (cpu flavor) or in PyTorch + CuPy on the GPU (cuda flavor, GPU production); see ``medseg.flavors``."""
 
 import triton_python_backend_utils as pb_utils
 
-from medseg.postprocess import postprocess
-from medseg.provenance import read_provenance
+from medseg.flavors import postprocess_step
 from medseg.spec import SPEC
-from medseg.triton_glue import execute, json_tensor
+from medseg.triton_glue import execute
 
 
 class TritonPythonModel:
     def initialize(self, args):
-        self.provenance = read_provenance(Path(args["model_repository"]).parent)
+        self.step = postprocess_step(args)
 
     def execute(self, requests):
-        return execute(requests, pb_utils, SPEC.postprocess, self.run)
-
-    def run(self, t):
-        labels, findings = postprocess(t["LOGITS"], t["GRID"], t["CT"], t["SPACING"])
-        return {"LABELS": labels, "FINDINGS": json_tensor({"model": self.provenance, **findings})}
+        return execute(requests, pb_utils, SPEC.postprocess, self.step.handler, self.step.tensors)

@@ -1,23 +1,16 @@
-"""CPU flavor of ct_preprocess: the DALI pipeline of ``dali.py`` run on the CPU in the python backend."""
+"""ct_preprocess in the python backend: the DALI pipeline of ``dali.py`` on the CPU (cpu flavor) or its
+PyTorch twin on the GPU (cuda flavor), as the config's ``engine`` says; see ``medseg.flavors``."""
 
-import numpy as np
 import triton_python_backend_utils as pb_utils
 
-from medseg.dali_pipeline import CpuPreprocessor
+from medseg.flavors import preprocess_step
 from medseg.spec import SPEC
-from medseg.triton_glue import execute, model_parameters
-from medseg.validate import check_study
+from medseg.triton_glue import execute
 
 
 class TritonPythonModel:
     def initialize(self, args):
-        self.pipeline = CpuPreprocessor(num_threads=int(model_parameters(args).get("num_threads", "2")))
+        self.step = preprocess_step(args)
 
     def execute(self, requests):
-        return execute(requests, pb_utils, SPEC.preprocess, self.run)
-
-    def run(self, inputs):
-        ct, spacing = inputs["CT"], inputs["SPACING"]
-        check_study(ct.shape, ct.dtype, spacing)
-        image, grid = self.pipeline(ct, spacing)
-        return {"IMAGE": image, "GRID": np.asarray(grid, np.int64)}
+        return execute(requests, pb_utils, SPEC.preprocess, self.step.handler, self.step.tensors)

@@ -1,19 +1,16 @@
-"""CPU flavor of ct_segmenter: the exported ONNX model on ONNX Runtime, tiled along z for large grids."""
-
-from pathlib import Path
+"""ct_segmenter in the python backend: the exported ONNX model on ONNX Runtime (cpu flavor) or the shipped
+weights in PyTorch on the GPU (cuda flavor), tiled along z for large grids; see ``medseg.flavors``."""
 
 import triton_python_backend_utils as pb_utils
 
-from medseg.inference import OnnxSegmenter
+from medseg.flavors import segmenter_step
 from medseg.spec import SPEC
-from medseg.triton_glue import execute, model_parameters
+from medseg.triton_glue import execute
 
 
 class TritonPythonModel:
     def initialize(self, args):
-        params = model_parameters(args)
-        version_dir = Path(args["model_repository"]) / args["model_version"]
-        self.segmenter = OnnxSegmenter(version_dir / params["onnx_file"], threads=int(params["intra_op_threads"]))
+        self.step = segmenter_step(args)
 
     def execute(self, requests):
-        return execute(requests, pb_utils, SPEC.segmenter, lambda t: {"LOGITS": self.segmenter(t["IMAGE"])})
+        return execute(requests, pb_utils, SPEC.segmenter, self.step.handler, self.step.tensors)

@@ -1,0 +1,162 @@
+"""The cuda flavor: its steps agree with the cpu flavor's, called directly and through the real server.
+
+On this machine (no GPU) the cuda flavor's code runs on torch's CPU device: the same configs with
+KIND_CPU instances, in the real tritonserver, tensors crossing by DLPack. On a GPU host the gpu-marked
+test serves the committed configs (KIND_GPU) and asks for the same agreement.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+import torch
+
+from medseg import configgen, flavors
+from medseg.errors import ArtifactError, ServerError, StudyError
+from medseg.metrics import dice
+from medseg.phantom import generate
+from medseg.spec import MODEL_REPOSITORY, SPEC
+from tests.conftest import UNSEEN_SEEDS, artifacts_missing
+
+CUDA_REASON = "needs an NVIDIA GPU with a CUDA build of PyTorch and CuPy (none here)"
+
+
+def _has_cuda() -> bool:
+    try:
+        flavors.require_cuda()
+    except ServerError:
+        return False
+    return True
+
+
+def _args(model: str, flavor: str, kind: str = "CPU") -> dict[str, Any]:
+    """What Triton hands a python model's ``initialize`` for a generated config, its instances of ``kind``."""
+    configs = {**configgen.config_dicts(), **configgen.cuda_flavor("KIND_" + kind)}
+    config = configs[f"{model}/configs/{flavor}.pbtxt"]
+    params = {p["key"]: p["value"] for p in config.get("parameters", [])}
+    return {"model_config": json.dumps({"name": model, "parameters": params}), "model_instance_kind": kind,
+            "model_instance_device_id": "0", "model_repository": str(MODEL_REPOSITORY / model), "model_version": "1"}
+
+
+@pytest.fixture(scope="module")
+def study() -> tuple[np.ndarray, np.ndarray]:
+    ph = generate(UNSEEN_SEEDS[1], num_slices=48, slice_thickness=5.0)
+    return ph.ct, np.asarray(ph.spacing, np.float32)
+
+
+def test_every_cuda_config_keeps_gpu_tensors_and_runs_torch() -> None:
+    for rel, config in configgen.cuda_flavor().items():
+        params = {p["key"]: p["value"]["string_value"] for p in config["parameters"]}
+        assert params["engine"] == "torch" and params["FORCE_CPU_ONLY_INPUT_TENSORS"] == "no", rel
+        assert config["instance_group"][0]["kind"] == "KIND_GPU", rel
+        assert config["backend"] == "python", rel
+
+
+def test_an_unknown_engine_is_refused_with_the_ones_there_are() -> None:
+    args = _args(SPEC.preprocess.name, "cpu")
+    args["model_config"] = json.dumps({"parameters": {"engine": {"string_value": "tensorflow"}}})
+    with pytest.raises(ArtifactError, match=r"engine must be one of \['dali', 'torch'\], got 'tensorflow'"):
+        flavors.preprocess_step(args)
+
+
+@pytest.mark.skipif(_has_cuda(), reason="this machine has a GPU: the refusal cannot be shown")
+def test_a_gpu_instance_without_a_gpu_is_refused_with_the_reason() -> None:
+    with pytest.raises(ServerError, match="CUDA device"):
+        flavors.preprocess_step(_args(SPEC.preprocess.name, "cuda", kind="GPU"))
+
+
+def test_torch_preprocessing_step_equals_the_dali_step(study: tuple[np.ndarray, np.ndarray]) -> None:
+    ct, spacing = study
+    dali = flavors.preprocess_step(_args(SPEC.preprocess.name, "cpu"))
+    torch_step = flavors.preprocess_step(_args(SPEC.preprocess.name, "cuda"))
+    assert (dali.engine, torch_step.engine) == ("dali", "torch")
+    want = dali.handler({"CT": ct, "SPACING": spacing})
+    got = torch_step.handler({"CT": torch.from_numpy(ct), "SPACING": torch.from_numpy(spacing)})
+    assert np.array_equal(got["GRID"], want["GRID"])
+    np.testing.assert_allclose(got["IMAGE"].numpy(), want["IMAGE"], atol=1e-4)
+
+
+def test_torch_preprocessing_step_refuses_a_bad_study_before_any_work() -> None:
+    step = flavors.preprocess_step(_args(SPEC.preprocess.name, "cuda"))
+    with pytest.raises(StudyError, match="int16"):
+        step.handler({"CT": torch.zeros((40, 64, 64), dtype=torch.float32), "SPACING": torch.tensor([2.0, 1.0, 1.0])})
+    with pytest.raises(StudyError, match="spacing along y"):
+        step.handler({"CT": torch.zeros((40, 64, 64), dtype=torch.int16), "SPACING": torch.tensor([2.0, float("nan"), 1.0])})
+
+
+def test_torch_segmenter_and_postprocess_steps_agree_with_the_cpu_flavor(study: tuple[np.ndarray, np.ndarray]) -> None:
+    reason = artifacts_missing()
+    if reason:
+        pytest.fail(reason)
+    ct, spacing = study
+    image = flavors.preprocess_step(_args(SPEC.preprocess.name, "cpu")).handler({"CT": ct, "SPACING": spacing})
+    onnx = flavors.segmenter_step(_args(SPEC.segmenter.name, "cpu")).handler({"IMAGE": image["IMAGE"]})["LOGITS"]
+    logits = flavors.segmenter_step(_args(SPEC.segmenter.name, "cuda")).handler(
+        {"IMAGE": torch.from_numpy(image["IMAGE"])})["LOGITS"]
+    # the export's own criterion: logits within 1e-3 of the largest logit, and the same labels
+    assert np.abs(logits.numpy() - onnx).max() <= 1e-3 * np.abs(onnx).max()
+    assert (logits.numpy().argmax(0) == onnx.argmax(0)).mean() >= 0.9999
+
+    inputs = {"CT": ct, "SPACING": spacing, "LOGITS": onnx, "GRID": image["GRID"]}
+    want = flavors.postprocess_step(_args(SPEC.postprocess.name, "cpu")).handler(inputs)
+    got = flavors.postprocess_step(_args(SPEC.postprocess.name, "cuda")).handler(
+        {k: torch.from_numpy(np.asarray(v)) for k, v in inputs.items()})
+    assert isinstance(got["LABELS"], np.ndarray) and got["LABELS"].dtype == np.uint8  # only labels leave the device
+    assert np.array_equal(got["LABELS"], want["LABELS"])
+    assert json.loads(got["FINDINGS"][0]) == json.loads(want["FINDINGS"][0])
+    assert (want["LABELS"] == 1).any()
+
+
+# ---------------------------------------------------------------- through the real server
+
+
+def _cuda_repository(tmp: Path, kind: str) -> Path:
+    """A copy of the model repository whose cuda configs have instances of ``kind``."""
+    repo = tmp / "model_repository"
+    shutil.copytree(MODEL_REPOSITORY, repo, ignore=shutil.ignore_patterns("__pycache__"))
+    for rel, config in configgen.cuda_flavor(kind).items():
+        (repo / rel).write_text(configgen.to_pbtxt(config))
+    return repo
+
+
+@pytest.fixture(scope="module", params=[
+    pytest.param("KIND_CPU", marks=pytest.mark.server, id="cuda-flavor-code-on-cpu"),
+    pytest.param("KIND_GPU", marks=[pytest.mark.server, pytest.mark.gpu], id="cuda-flavor-on-gpu"),
+])
+def cuda_server(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Any]:
+    from medseg.server import EmbeddedServer, ServerOptions
+
+    if request.param == "KIND_GPU" and not _has_cuda():
+        pytest.skip(CUDA_REASON)
+    reason = artifacts_missing()
+    if reason:
+        pytest.fail(reason)
+    tmp = tmp_path_factory.mktemp("cuda")
+    repo = MODEL_REPOSITORY if request.param == "KIND_GPU" else _cuda_repository(tmp, request.param)
+    pools = [f"--cuda-memory-pool-byte-size={i}:{1 << 30}" for i in range(torch.cuda.device_count())]
+    options = ServerOptions(flavor="cuda", grpc_port=0, http_port=0, metrics_port=0, model_repository=repo,
+                            extra_args=pools)
+    with EmbeddedServer(options, log_file=tmp / "tritonserver.log") as s:
+        yield s
+
+
+def test_the_cuda_flavor_served_matches_the_cpu_flavor(cuda_server: Any, server: Any) -> None:
+    from medseg_client.client import SegmentationClient
+
+    ph = generate(UNSEEN_SEEDS[2], num_slices=120, slice_thickness=2.5)
+    with SegmentationClient(cuda_server.grpc_url) as c:
+        got = c.segment(ph.ct, ph.spacing)
+    with SegmentationClient(server.grpc_url) as c:
+        want = c.segment(ph.ct, ph.spacing)
+    assert got.labels.shape == ph.ct.shape
+    for label in SPEC.labels:
+        if label.value and (want.labels == label.value).any():
+            assert dice(got.labels == label.value, want.labels == label.value) >= 0.99, label.name
+    assert len(got.findings["tumors"]) == len(want.findings["tumors"])
+    assert got.findings["model"] == want.findings["model"]
