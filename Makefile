@@ -5,14 +5,26 @@ STAMP := .venv/.installed-stamp
 ONNX := model_repository/ct_segmenter/1/model.onnx
 WEIGHTS := export/weights/ct_liver_unet.fp16.pt export/weights/manifest.json
 
-.PHONY: venv sysdeps artifacts configs demo test test-unit test-server test-slow lint bench weights clean
+.PHONY: venv sysdeps perf-tools artifacts configs demo test test-unit test-server test-slow lint bench bench-full weights clean
 
 # Debian tools the tests use as oracles: dciodvfy validates every DICOM object we write,
 # dcmtk's dcmcjpeg makes JPEG-lossless series (no Python encoder exists), dcm2niix is the geometry oracle
+# libb64 is the one system library the perf_analyzer binary needs
 sysdeps:
-	@{ command -v dciodvfy && command -v dcmcjpeg && command -v dcm2niix; } >/dev/null || { if [ "$$(id -u)" = 0 ]; then \
-	  (apt-get update -qq && apt-get install -y -qq dicom3tools dcmtk dcm2niix) >/dev/null; \
-	  else echo "missing: sudo apt-get install dicom3tools dcmtk dcm2niix (tests that need them will skip)"; fi; }
+	@{ command -v dciodvfy && command -v dcmcjpeg && command -v dcm2niix && /sbin/ldconfig -p | grep -q libb64.so.0d; } >/dev/null \
+	  || { if [ "$$(id -u)" = 0 ]; then \
+	  (apt-get update -qq && apt-get install -y -qq dicom3tools dcmtk dcm2niix libb64-0d) >/dev/null; \
+	  else echo "missing: sudo apt-get install dicom3tools dcmtk dcm2niix libb64-0d (tests that need them will skip)"; fi; }
+
+# perf_analyzer: the binary inside the tritonclient 2.48.0 wheel (the newest one that runs on glibc 2.36)
+PERF_ANALYZER := .perf_tools/bin/perf_analyzer
+perf-tools: $(PERF_ANALYZER)
+$(PERF_ANALYZER): | $(STAMP)
+	rm -rf .perf_tools/wheel && mkdir -p .perf_tools/bin .perf_tools/wheel
+	$(PY) -m pip download --quiet --no-deps "tritonclient==2.48.0" -d .perf_tools/wheel
+	cd .perf_tools/wheel && $(PY) -m zipfile -e tritonclient-2.48.0-*.whl .
+	install -m 755 .perf_tools/wheel/tritonclient-2.48.0.data/data/bin/perf_analyzer $@
+	rm -rf .perf_tools/wheel
 
 venv: $(STAMP)
 $(STAMP): pyproject.toml
@@ -50,8 +62,12 @@ test-server: $(STAMP) $(ONNX) sysdeps
 test-slow: $(STAMP) $(ONNX)
 	$(PY) -m pytest -m slow -o addopts="-ra"
 
-bench: $(STAMP) $(ONNX)
+# the short benchmark (< 10 min on 2 cores); `make bench-full` sweeps sizes, concurrency and instances
+bench: $(STAMP) $(ONNX) sysdeps $(PERF_ANALYZER)
 	$(PY) -m perf.bench
+
+bench-full: $(STAMP) $(ONNX) sysdeps $(PERF_ANALYZER)
+	$(PY) -m perf.bench --full
 
 # retrain the shipped weights in the three stages recorded in export/weights/manifest.json
 # (about 80 min on 2 CPU cores; minutes on a GPU): base, tumor emphasis, lesion synthesis
@@ -63,4 +79,4 @@ weights: $(STAMP)
 	  --class-ratios 1 1 3 --ce-weights 1 1 2 --synthetic-tumors 0.5 --out export/weights
 
 clean:
-	rm -rf demo_out .cache .pytest_cache .mypy_cache .ruff_cache .triton_backends
+	rm -rf demo_out .cache .pytest_cache .mypy_cache .ruff_cache .triton_backends .perf_tools
