@@ -22,7 +22,7 @@ perf-tools: $(PERF_ANALYZER)
 $(PERF_ANALYZER): | $(STAMP)
 	rm -rf .perf_tools/wheel && mkdir -p .perf_tools/bin .perf_tools/wheel
 	$(PY) -m pip download --quiet --no-deps "tritonclient==2.48.0" -d .perf_tools/wheel
-	cd .perf_tools/wheel && $(PY) -m zipfile -e tritonclient-2.48.0-*.whl .
+	$(PY) -m zipfile -e .perf_tools/wheel/tritonclient-2.48.0-*.whl .perf_tools/wheel
 	install -m 755 .perf_tools/wheel/tritonclient-2.48.0.data/data/bin/perf_analyzer $@
 	rm -rf .perf_tools/wheel
 
@@ -50,13 +50,13 @@ lint: $(STAMP)
 	$(PY) -m ruff check src clients export tests perf model_repository
 	$(PY) -m mypy
 
-test: $(STAMP) $(ONNX) sysdeps lint
+test: $(STAMP) $(ONNX) sysdeps $(PERF_ANALYZER) lint
 	$(PY) -m pytest
 
 test-unit: $(STAMP) sysdeps
 	$(PY) -m pytest -m "not server and not slow"
 
-test-server: $(STAMP) $(ONNX) sysdeps
+test-server: $(STAMP) $(ONNX) sysdeps $(PERF_ANALYZER)
 	$(PY) -m pytest -m server
 
 test-slow: $(STAMP) $(ONNX)
@@ -64,10 +64,10 @@ test-slow: $(STAMP) $(ONNX)
 
 # the short benchmark (< 10 min on 2 cores); `make bench-full` sweeps sizes, concurrency and instances
 bench: $(STAMP) $(ONNX) sysdeps $(PERF_ANALYZER)
-	$(PY) -m perf.bench
+	$(PY) -m perf.bench --readme
 
 bench-full: $(STAMP) $(ONNX) sysdeps $(PERF_ANALYZER)
-	$(PY) -m perf.bench --full
+	$(PY) -m perf.bench --full --readme
 
 # retrain the shipped weights in the three stages recorded in export/weights/manifest.json
 # (about 80 min on 2 CPU cores; minutes on a GPU): base, tumor emphasis, lesion synthesis

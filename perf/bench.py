@@ -1,35 +1,55 @@
-"""``make bench``: the served ensemble against the same steps run in-process, measured in one run.
+"""``make bench``: the served ensemble against the MONAI pipeline people run today, measured in one run.
 
-    python -m perf.bench [--seeds 5101 5102] [--repeat 3] [--out perf/results]
+    python -m perf.bench [--full] [--repeat 3] [--flavor cpu|cuda] [--out perf/results] [--readme]
 
-For each phantom: the in-process reference pipeline (DALI on CPU -> ONNX Runtime -> postprocess) and
-the ensemble through the embedded Triton server over gRPC (volume in memory -> labels in memory),
-median of ``--repeat`` runs each, and their ratio; the served labels are checked against the
-reference's (Dice >= 0.99 per label). Results go to ``<out>/<machine-label>/bench.{json,md}``.
+For each phantom CT size (512 x 512 x 100 and x 300; ``--full`` adds x 600), on the same machine and
+weights, one after another:
+  - the MONAI baseline in-process (``perf.monai_baseline``: Spacing, ScaleIntensityRange, 96^3 sliding
+    window, inverse spacing, argmax);
+  - the reference pipeline in-process (this project's steps without a server);
+  - the ensemble through the embedded Triton server from the client, volume in memory -> labels in
+    memory, with Triton's per-step breakdown;
+  - ``perf_analyzer`` over gRPC and system shared memory (and CUDA shared memory with ``--flavor cuda``)
+    at concurrency 1..2 (``--full``: 1..4 and a 600-slice study; then 1 vs 2 instances per model).
+Speed never costs correctness: the served labels must equal the reference's (Dice >= 0.99 per label),
+or the run fails. Results: ``<out>/<machine-label>/`` bench.json, bench.csv, bench.md and PNG plots;
+the README's headline table is bench.md's.
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import platform
+import shutil
 import statistics
+import tempfile
 import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 from medseg_client.client import SegmentationClient
+from tqdm import tqdm
 
 from medseg.metrics import dice
-from medseg.phantom import generate
+from medseg.phantom import Phantom, generate
 from medseg.pipeline import ReferencePipeline
 from medseg.server import EmbeddedServer, ServerOptions
-from medseg.spec import REPO_ROOT, SPEC
+from medseg.spec import MODEL_REPOSITORY, REPO_ROOT, SPEC
+from perf import pa, report
+from perf.monai_baseline import MonaiBaseline
+
+SEED = 5101  # never used in training or validation
+SLICE_MM, PIXEL_MM = 1.25, 0.78  # a typical abdominal CT: 400 mm field of view, 1.25 mm slices
+SHORT_SIZES, FULL_SIZES = (100, 300), (100, 300, 600)
+HEADLINE_SLICES = 300
 
 
 def machine_label() -> str:
-    """A short name of this machine's kind: cores and CPU model."""
+    """A short name of this machine's kind: cores and CPU model (and GPU, where there is one)."""
     model = "cpu"
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
@@ -41,58 +61,151 @@ def machine_label() -> str:
     short = "".join(c if c.isalnum() else "-" for c in model).strip("-").lower()
     while "--" in short:
         short = short.replace("--", "-")
-    return f"{os.cpu_count()}core-{short[:40]}"
+    label = f"{os.cpu_count()}core-{short[:40]}"
+    try:
+        import torch
+
+        if torch.cuda.is_available():
+            gpu = "".join(c if c.isalnum() else "-" for c in torch.cuda.get_device_name(0)).lower()
+            label += f"-{gpu[:24]}"
+    except ImportError:
+        pass
+    return label
 
 
-def timed(fn: Any, repeat: int) -> tuple[float, Any]:
+def timed(fn: Callable[[], Any], repeat: int) -> tuple[list[float], Any]:
+    """Wall times (s) of ``repeat`` calls and the last result."""
     times, out = [], None
     for _ in range(repeat):
         t0 = time.perf_counter()
         out = fn()
         times.append(time.perf_counter() - t0)
-    return statistics.median(times), out
+    return times, out
+
+
+def agreement(a: np.ndarray, b: np.ndarray) -> dict[str, float]:
+    """Dice per foreground label between two label volumes (1.0 where neither has the label)."""
+    out = {}
+    for lab in SPEC.labels[1:]:
+        x, y = a == lab.value, b == lab.value
+        out[lab.name] = round(dice(x, y), 4) if (x.any() or y.any()) else 1.0
+    return out
+
+
+@contextmanager
+def served(flavor: str, instances: int = 1) -> Iterator[EmbeddedServer]:
+    """The embedded server on free ports; ``instances`` > 1 serves a copy of the repository with that count."""
+    repo, tmp = MODEL_REPOSITORY, None
+    if instances != 1:
+        from medseg import configgen
+
+        tmp = Path(tempfile.mkdtemp(prefix="medseg-bench-"))
+        repo = tmp / "model_repository"
+        shutil.copytree(MODEL_REPOSITORY, repo, ignore=shutil.ignore_patterns("__pycache__"))
+        for rel, cfg in configgen.config_dicts().items():
+            if rel.endswith(f"configs/{flavor}.pbtxt"):
+                cfg["instance_group"][0]["count"] = instances
+                (repo / rel).write_text(configgen.to_pbtxt(cfg))
+    extra = []
+    if flavor == "cuda":
+        import torch
+
+        extra = [f"--cuda-memory-pool-byte-size={i}:{1 << 30}" for i in range(torch.cuda.device_count())]
+    try:
+        with EmbeddedServer(ServerOptions(flavor=flavor, grpc_port=0, http_port=0, metrics_port=0,
+                                          model_repository=repo, extra_args=extra)) as server:
+            yield server
+    finally:
+        if tmp is not None:
+            shutil.rmtree(tmp, ignore_errors=True)
+
+
+def measure_size(slices: int, ph: Phantom, args: argparse.Namespace, server: EmbeddedServer,
+                 monai: MonaiBaseline, reference: ReferencePipeline, work: Path) -> dict[str, Any]:
+    """Baseline, reference and served figures of one study size, and perf_analyzer's sweeps over it."""
+    import tritonclient.grpc as grpcclient
+
+    row: dict[str, Any] = {"slices": slices, "shape_zyx": list(ph.ct.shape), "spacing_zyx_mm": list(ph.spacing),
+                           "voxels": int(ph.ct.size)}
+    monai_t, monai_labels = timed(lambda: monai(ph.ct, ph.spacing), args.monai_repeat)
+    ref_t, (ref_labels, _) = timed(lambda: reference(ph.ct, ph.spacing), args.repeat)
+    stats = grpcclient.InferenceServerClient(server.grpc_url)
+    with SegmentationClient(server.grpc_url) as client:
+        client.segment(ph.ct, ph.spacing)  # warm-up: first-touch of the backends' shared memory
+        before = pa.statistics(stats)
+        srv_t, result = timed(lambda: client.segment(ph.ct, ph.spacing), args.repeat)
+        after = pa.statistics(stats)
+    row.update({
+        "monai_s": [round(t, 3) for t in monai_t], "reference_s": [round(t, 3) for t in ref_t],
+        "served_s": [round(t, 3) for t in srv_t],
+        "steps_ms": {k: {s: round(v, 1) for s, v in d.items()} for k, d in pa.breakdown(before, after).items()},
+        "dice_served_vs_reference": agreement(result.labels, ref_labels),
+        "dice_monai_vs_reference": agreement(monai_labels, ref_labels),
+        "dice_vs_truth": {"served": agreement(result.labels, ph.labels), "monai": agreement(monai_labels, ph.labels)},
+    })
+    row["speedup_vs_monai"] = round(statistics.median(monai_t) / statistics.median(srv_t), 2)
+    inputs = work / f"inputs-{slices}"
+    shapes = pa.write_inputs(inputs, ph.ct, ph.spacing)
+    row["perf_analyzer"] = {}
+    transports = {"grpc": "none", "system_shm": "system"}
+    if args.flavor == "cuda":
+        transports["cuda_shm"] = "cuda"
+    for name, transport in transports.items():
+        csv_path = work / f"pa-{slices}-{transport}.csv"
+        rows = pa.run(server.grpc_url, inputs, shapes, csv_path, concurrency=(1, args.max_concurrency),
+                      shared_memory=transport, output_bytes=int(ph.ct.size) + (1 << 20))
+        row["perf_analyzer"][name] = [m.__dict__ for m in rows]
+    return row
 
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--seeds", type=int, nargs="+", default=[5101, 5102])
-    ap.add_argument("--repeat", type=int, default=3)
+    ap.add_argument("--full", action="store_true", help="all sizes, concurrency 1..4, 1 vs 2 instances")
+    ap.add_argument("--repeat", type=int, default=3, help="runs of the reference and the served pipeline per size")
+    ap.add_argument("--monai-repeat", type=int, default=1, help="runs of the MONAI baseline per size")
+    ap.add_argument("--flavor", choices=("cpu", "cuda"), default="cpu")
     ap.add_argument("--out", type=Path, default=REPO_ROOT / "perf" / "results")
+    ap.add_argument("--readme", action="store_true", help="copy the report's headline table into README.md")
     args = ap.parse_args(argv)
-    reference = ReferencePipeline()
-    rows = []
-    with EmbeddedServer(ServerOptions(grpc_port=0, http_port=0, metrics_port=0)) as server, \
-            SegmentationClient(server.grpc_url) as client:
-        client.wait_until_ready()
-        for seed in args.seeds:
-            ph = generate(seed)
-            ref_s, (ref_labels, _) = timed(lambda ph=ph: reference(ph.ct, ph.spacing), args.repeat)
-            srv_s, result = timed(lambda ph=ph: client.segment(ph.ct, ph.spacing), args.repeat)
-            agreement = {lab.name: round(dice(result.labels == lab.value, ref_labels == lab.value), 4)
-                         for lab in SPEC.labels[1:]}
-            row = {"seed": seed, "shape_zyx": list(ph.ct.shape), "spacing_zyx_mm": list(ph.spacing),
-                   "in_process_s": round(ref_s, 3), "served_s": round(srv_s, 3),
-                   "served_over_in_process": round(srv_s / ref_s, 3), "server_stages_s": result.timings_s,
-                   "dice_served_vs_reference": agreement}
+    args.max_concurrency = 4 if args.full else 2
+    sizes = FULL_SIZES if args.full else SHORT_SIZES
+    pa.binary()  # fail before the long work if perf_analyzer is missing
+
+    t_start = time.perf_counter()
+    monai, reference = MonaiBaseline(), ReferencePipeline()
+    rows: list[dict[str, Any]] = []
+    scaling: list[dict[str, Any]] = []
+    with tempfile.TemporaryDirectory(prefix="medseg-bench-") as tmp, served(args.flavor) as server:
+        for slices in tqdm(sizes, desc="study sizes", unit="size"):
+            ph = generate(SEED, num_slices=slices, slice_thickness=SLICE_MM, pixel_spacing=PIXEL_MM)
+            row = measure_size(slices, ph, args, server, monai, reference, Path(tmp))
             rows.append(row)
-            print(f"seed {seed} {ph.ct.shape}: in-process {ref_s:.2f} s, served {srv_s:.2f} s "
-                  f"(x{srv_s / ref_s:.2f}), agreement {agreement}", flush=True)
+            print(report.row_line(row), flush=True)
+    if args.full:  # instance count: a second instance of every model, the 300-slice study, concurrency 1..4
+        ph = generate(SEED, num_slices=HEADLINE_SLICES, slice_thickness=SLICE_MM, pixel_spacing=PIXEL_MM)
+        with tempfile.TemporaryDirectory(prefix="medseg-bench-") as tmp:
+            inputs = Path(tmp) / "inputs"
+            shapes = pa.write_inputs(inputs, ph.ct, ph.spacing)
+            for instances in (1, 2):
+                with served(args.flavor, instances) as server:
+                    ms = pa.run(server.grpc_url, inputs, shapes, Path(tmp) / f"inst{instances}.csv", concurrency=(1, 4))
+                scaling.append({"instances": instances, "slices": HEADLINE_SLICES, "rows": [m.__dict__ for m in ms]})
+
     label = machine_label()
+    doc = {"machine": {"label": label, "platform": platform.platform(), "cores": os.cpu_count(),
+                       "processor": label.split("-", 1)[1]},
+           "flavor": args.flavor, "full": args.full, "repeat": args.repeat, "seed": SEED,
+           "slice_mm": SLICE_MM, "pixel_mm": PIXEL_MM, "rows": rows, "instances": scaling,
+           "wall_s": round(time.perf_counter() - t_start, 1)}
     out = args.out / label
-    out.mkdir(parents=True, exist_ok=True)
-    doc = {"machine": {"label": label, "platform": platform.platform(), "cores": os.cpu_count()},
-           "repeat": args.repeat, "rows": rows}
-    (out / "bench.json").write_text(json.dumps(doc, indent=2) + "\n")
-    lines = [f"# medseg bench on {label}", "",
-             "| study (z, y, x) | in-process s | served (gRPC) s | served / in-process | Dice served vs reference |",
-             "|---|---|---|---|---|"]
-    for r in rows:
-        lines.append(f"| {tuple(r['shape_zyx'])} | {r['in_process_s']:.2f} | {r['served_s']:.2f} | "
-                     f"{r['served_over_in_process']:.2f} | {r['dice_served_vs_reference']} |")
-    (out / "bench.md").write_text("\n".join(lines) + "\n")
-    print(f"wrote {out}/bench.json and bench.md")
-    ok = all(v >= 0.99 for r in rows for v in r["dice_served_vs_reference"].values())
-    return 0 if ok else 1
+    written = report.write(doc, out)
+    if args.readme:
+        report.update_readme(REPO_ROOT / "README.md", out / "bench.md")
+    print(f"wrote {', '.join(p.name for p in written)} in {out} ({doc['wall_s']:.0f} s)")
+    bad = [(r["slices"], k, v) for r in rows for k, v in r["dice_served_vs_reference"].items() if v < 0.99]
+    for slices, name, value in bad:
+        print(f"FAIL: {slices} slices, {name}: served vs reference Dice {value} < 0.99")
+    return 1 if bad else 0
 
 
 if __name__ == "__main__":

@@ -54,7 +54,7 @@ class MonaiBaseline:
         with torch.inference_mode():
             logits = sliding_window_inference(image[None], self.roi, self.sw_batch_size, self._predict,
                                               overlap=self.overlap, mode="gaussian")
-        pred = MetaTensor(logits[0], affine=image.affine, meta=image.meta)
+        pred = MetaTensor(logits[0], meta=image.meta)  # the resampled grid's affine is in its meta
         pred.applied_operations = image.applied_operations
         with torch.inference_mode():
             back = self.pre.inverse(pred)

@@ -135,3 +135,23 @@ def test_preview_shows_an_axial_panel_per_tumor_and_a_coronal_panel() -> None:
     assert img.width == PANEL * (len(f["tumors"]) + 1) and len(f["tumors"]) == 2
     pixels = np.asarray(img)
     assert (pixels[..., 0] > 200).any() and (pixels[..., 1] > 150).any()  # overlay colours are drawn
+
+
+def test_labels_are_numpys_argmax_ties_included() -> None:
+    rng = np.random.default_rng(3)
+    logits = rng.integers(-2, 3, size=(3, 10, 12, 14)).astype(np.float32)  # many ties
+    assert np.array_equal(logits_to_labels(logits, (9, 11, 13)), np.argmax(logits[:, :9, :11, :13], axis=0))
+
+
+def test_bounding_box_equals_find_objects() -> None:
+    from scipy import ndimage
+
+    from medseg.postprocess import bounding_box
+
+    rng = np.random.default_rng(4)
+    for _ in range(5):
+        mask = np.zeros((20, 30, 40), bool)
+        for _ in range(3):
+            z, y, x = rng.integers(0, 18), rng.integers(0, 28), rng.integers(0, 38)
+            mask[z : z + 2, y : y + 2, x : x + 2] = True
+        assert bounding_box(mask) == ndimage.find_objects(mask.astype(np.uint8))[0]

@@ -29,7 +29,7 @@ from medseg.errors import ServerError
 from medseg.spec import MODEL_REPOSITORY, REPO_ROOT
 
 BACKENDS_DIR = REPO_ROOT / ".triton_backends"
-SHM_BYTES = 64 * 1024 * 1024  # python backend shared memory: start and growth step
+SHM_BYTES = 1024 * 1024 * 1024  # python backend shared memory: start and growth step
 
 
 def _site_packages() -> Path:
