@@ -167,3 +167,16 @@ def test_medseg_serve_becomes_ready_and_stops_cleanly_on_sigterm() -> None:
     finally:
         if proc.poll() is None:
             proc.kill()
+
+
+def test_shared_memory_transport_gives_the_same_result_and_leaves_nothing_behind(
+        client: SegmentationClient, server: Any) -> None:
+    import tritonclient.grpc as grpcclient
+
+    ph = generate(UNSEEN_SEEDS[0], num_slices=60, slice_thickness=5.0)
+    with SegmentationClient(server.grpc_url, shared_memory=True) as shm_client:
+        got = shm_client.segment(ph.ct, ph.spacing)
+    want = client.segment(ph.ct, ph.spacing)
+    assert np.array_equal(got.labels, want.labels) and got.findings == want.findings
+    assert grpcclient.InferenceServerClient(server.grpc_url).get_system_shared_memory_status(as_json=True) in ({}, {"regions": {}})
+    assert not [p for p in Path("/dev/shm").glob("medseg-*")]

@@ -6,6 +6,7 @@ A refused input or an unreachable server prints one line and exits 2; a tracebac
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import time
 from pathlib import Path
@@ -55,7 +56,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
 def cmd_segment(args: argparse.Namespace) -> int:
     from medseg_client.segment import segment_to_dir
 
-    doc = segment_to_dir(args.url, args.input, args.out, args.model_name, args.timeout, args.series)
+    doc = segment_to_dir(args.url, args.input, args.out, args.model_name, args.timeout, args.series, args.shared_memory,
+                         args.tenant_key)
     print(summary(doc))
     print(f"wrote {args.out}/labels.nii.gz and findings.json")
     return 0
@@ -72,6 +74,30 @@ def summary(doc: dict[str, Any]) -> str:
                      f"centre (LPS) {', '.join(f'{v:.1f}' for v in t['centroid_lps_mm'])} mm")
     lines.append("timings: " + ", ".join(f"{k} {v:.2f}" for k, v in doc["timings_s"].items()))
     return "\n".join(lines)
+
+
+def cmd_mig(args: argparse.Namespace) -> int:
+    from medseg import mig
+
+    gpu, tenants = mig.load_tenants(args.tenants)
+    layout = mig.plan(gpu, tenants)
+    if args.mig_command == "plan":
+        print(mig.describe(layout))
+        print("\ncommands (as root on the GPU host):")
+        print("\n".join("  " + c for c in mig.commands(layout, args.gpu)))
+        return 0
+    from medseg import mig_compose
+
+    try:
+        listing = args.devices.read_text()
+    except OSError as e:
+        raise mig.PlanError(f"cannot read {args.devices} (the output of `nvidia-smi -L`): {e.strerror}") from e
+    devices = mig.assign_devices(layout, mig.parse_nvidia_smi_l(listing), args.gpu)
+    for path in mig_compose.write(layout, devices, args.out):
+        print(f"wrote {path}")
+    for name, d in devices.items():
+        print(f"  {name}: {d.profile} on {d.uuid}")
+    return 0
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
@@ -106,7 +132,25 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("input", type=Path)
     p.add_argument("--out", type=Path, required=True)
     p.add_argument("--series", default=None, help="SeriesInstanceUID to read from a folder holding several")
+    p.add_argument("--shared-memory", action="store_true",
+                   help="on the server's host: pass the volume and labels through system shared memory, not gRPC")
+    p.add_argument("--tenant-key", default=os.environ.get("MEDSEG_TENANT_KEY"),
+                   help="the tenant's key for a medseg gateway (default: $MEDSEG_TENANT_KEY; prefer the variable, "
+                        "command lines are visible to other users)")
     p.set_defaults(func=cmd_segment)
+
+    p = sub.add_parser("mig", help="MIG multi-tenant serving: plan a GPU's layout, write its compose file")
+    msub = p.add_subparsers(dest="mig_command", required=True)
+    q = msub.add_parser("plan", help="check the tenants' profiles fit one GPU; print the layout and nvidia-smi commands")
+    q.add_argument("tenants", type=Path, help="tenants YAML file")
+    q.add_argument("--gpu", type=int, default=0, help="GPU index on the host")
+    q.set_defaults(func=cmd_mig)
+    q = msub.add_parser("compose", help="write one Triton service per MIG instance and the tenants' gateway")
+    q.add_argument("tenants", type=Path, help="tenants YAML file")
+    q.add_argument("--devices", type=Path, required=True, help="the output of `nvidia-smi -L` after creating the layout")
+    q.add_argument("--gpu", type=int, default=0, help="GPU index on the host")
+    q.add_argument("--out", type=Path, default=Path("."), help="folder for docker-compose.mig.yml and gateway/")
+    q.set_defaults(func=cmd_mig)
 
     p = sub.add_parser("demo", help="serve, segment an unseen phantom, compare with its ground truth, stop")
     p.add_argument("--out", type=Path, default=Path("demo_out"))

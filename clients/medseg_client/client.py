@@ -5,13 +5,19 @@
         result = client.segment(ct_zyx_int16, spacing_zyx_mm)
 
 The study is checked against the spec before it is sent, the model's metadata against the spec
-before the first request; transport errors come back as medseg's own exceptions.
+before the first request; transport errors come back as medseg's own exceptions. A client on the
+server's host may ask for system shared memory (``shared_memory=True``): the volume and the labels
+then cross through a region registered for that one request instead of gRPC messages.
 """
 
 from __future__ import annotations
 
 import json
+import os
 import time
+import uuid
+from collections.abc import Iterator
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field
 from types import TracebackType
 from typing import Any
@@ -53,12 +59,18 @@ def _raise_from(e: Exception, what: str) -> None:
 class SegmentationClient:
     """gRPC client of the ensemble; a context manager that closes its channel."""
 
-    def __init__(self, url: str, model_name: str = SPEC.ensemble.name, timeout_s: float = 300.0) -> None:
+    def __init__(self, url: str, model_name: str = SPEC.ensemble.name, timeout_s: float = 300.0,
+                 shared_memory: bool = False, tenant_key: str | None = None) -> None:
         import tritonclient.grpc as grpcclient
+
+        from medseg.gateway import KEY_HEADER
 
         self.url = url
         self.model_name = model_name
         self.timeout_s = timeout_s
+        self.shared_memory = shared_memory
+        # behind a medseg gateway every call carries the tenant's key (never logged)
+        self._headers = {KEY_HEADER: tenant_key} if tenant_key else None
         self._grpc = grpcclient
         self._client = grpcclient.InferenceServerClient(url=url)
         self._checked = False
@@ -69,7 +81,8 @@ class SegmentationClient:
         last = ""
         while time.monotonic() < deadline:
             try:
-                if self._client.is_server_ready() and self._client.is_model_ready(self.model_name):
+                h = self._headers
+                if self._client.is_server_ready(headers=h) and self._client.is_model_ready(self.model_name, headers=h):
                     return
                 last = "not ready"
             except Exception as e:
@@ -80,7 +93,7 @@ class SegmentationClient:
     def check_model(self, expected: ModelIO = SPEC.ensemble) -> dict[str, Any]:
         """Compare the served model's inputs and outputs with the spec; return its metadata."""
         try:
-            meta = self._client.get_model_metadata(self.model_name, as_json=True)
+            meta = self._client.get_model_metadata(self.model_name, headers=self._headers, as_json=True)
         except Exception as e:
             _raise_from(e, f"{self.url}: model metadata")
         for kind, tensors in (("inputs", expected.inputs), ("outputs", expected.outputs)):
@@ -101,20 +114,34 @@ class SegmentationClient:
             self.check_model()
         g = self._grpc
         ct_in, sp_in = SPEC.ensemble.inputs
-        inputs = [g.InferInput(ct_in.name, [1, *ct.shape], ct_in.dtype),
+        labels_t, findings_t = SPEC.ensemble.outputs
+        volume = np.ascontiguousarray(ct, dtype=np.int16)[None]
+        inputs = [g.InferInput(ct_in.name, list(volume.shape), ct_in.dtype),
                   g.InferInput(sp_in.name, [1, 3], sp_in.dtype)]
-        inputs[0].set_data_from_numpy(np.ascontiguousarray(ct, dtype=np.int16)[None])
         inputs[1].set_data_from_numpy(np.asarray(spacing, np.float32).reshape(1, 3))
         outputs = [g.InferRequestedOutput(t.name) for t in SPEC.ensemble.outputs]
-        before = self._model_stats()
-        t0 = time.perf_counter()
-        try:
-            response = self._client.infer(self.model_name, inputs, outputs=outputs, client_timeout=self.timeout_s)
-        except Exception as e:
-            _raise_from(e, f"{self.url}: segmenting")
-        elapsed = time.perf_counter() - t0
-        labels_t, findings_t = SPEC.ensemble.outputs
-        labels = response.as_numpy(labels_t.name)[0]
+        with ExitStack() as stack:
+            if self.shared_memory:
+                from tritonclient.utils import shared_memory as shm
+
+                regions = stack.enter_context(self._system_shm(volume.nbytes, volume.size))
+                shm.set_shared_memory_region(regions["in"][0], [volume])
+                inputs[0].set_shared_memory(regions["in"][1], volume.nbytes)
+                outputs[0].set_shared_memory(regions["out"][1], volume.size)
+            else:
+                inputs[0].set_data_from_numpy(volume)
+            before = self._model_stats()
+            t0 = time.perf_counter()
+            try:
+                response = self._client.infer(self.model_name, inputs, outputs=outputs, client_timeout=self.timeout_s,
+                                               headers=self._headers)
+            except Exception as e:
+                _raise_from(e, f"{self.url}: segmenting")
+            elapsed = time.perf_counter() - t0
+            if self.shared_memory:
+                labels = shm.get_contents_as_numpy(regions["out"][0], np.uint8, list(volume.shape))[0].copy()
+            else:
+                labels = response.as_numpy(labels_t.name)[0]
         if labels.shape != ct.shape:
             raise ServerError(f"server returned labels of shape {labels.shape} for a study of shape {ct.shape}")
         findings = json.loads(response.as_numpy(findings_t.name).reshape(-1)[0])
@@ -122,10 +149,34 @@ class SegmentationClient:
         timings.update(self._stage_times(before, self._model_stats()))
         return SegmentationResult(labels, findings, timings)
 
+    @contextmanager
+    def _system_shm(self, in_bytes: int, out_bytes: int) -> Iterator[dict[str, tuple[Any, str]]]:
+        """Input and output system shared-memory regions registered with the server for one request."""
+        from tritonclient.utils import shared_memory as shm
+
+        tag = f"medseg-{os.getpid()}-{uuid.uuid4().hex[:12]}"
+        made: dict[str, tuple[Any, str]] = {}
+        try:
+            for role, size in (("in", in_bytes), ("out", out_bytes)):
+                name = f"{tag}-{role}"
+                made[role] = (shm.create_shared_memory_region(name, f"/{name}", size), name)
+                try:
+                    self._client.register_system_shared_memory(name, f"/{name}", size, headers=self._headers)
+                except Exception as e:
+                    _raise_from(e, f"{self.url}: registering shared memory (is the client on the server's host?)")
+            yield made
+        finally:
+            for handle, name in made.values():
+                try:
+                    self._client.unregister_system_shared_memory(name, headers=self._headers)
+                except Exception:  # the server may be gone; the local region is still removed
+                    pass
+                shm.destroy_shared_memory_region(handle)
+
     def _model_stats(self) -> dict[str, int]:
         """Cumulative compute nanoseconds of each composing model (from Triton's statistics)."""
         try:
-            stats = self._client.get_inference_statistics(as_json=True)
+            stats = self._client.get_inference_statistics(headers=self._headers, as_json=True)
         except Exception:
             return {}
         out = {}

@@ -65,6 +65,16 @@ def python_backend_dir() -> Path:
     return BACKENDS_DIR
 
 
+def _terminate_with_parent() -> None:
+    """In the child before exec: SIGTERM it when the thread that started it dies, even by SIGKILL or OOM
+    (Linux ``PR_SET_PDEATHSIG``), so a killed client never leaves a server and its stubs holding memory."""
+    if sys.platform.startswith("linux"):
+        import ctypes
+
+        pr_set_pdeathsig = 1
+        ctypes.CDLL(None, use_errno=True).prctl(pr_set_pdeathsig, signal.SIGTERM)
+
+
 def free_port() -> int:
     """A TCP port on loopback that nothing listens on right now."""
     with socket.socket() as s:
@@ -84,6 +94,8 @@ class ServerOptions:
     model_repository: Path = MODEL_REPOSITORY
     log_verbose: int = 0
     extra_args: list[str] = field(default_factory=list)
+    models: tuple[str, ...] = ()  # load only these (explicit model control); () loads the whole repository
+    cpus: str | None = None  # pin the server and its model processes to these cores (taskset list, e.g. "0")
 
 
 class EmbeddedServer:
@@ -120,7 +132,8 @@ class EmbeddedServer:
             f"--http-address={o.address}",
             f"--http-port={o.http_port}",
             f"--metrics-port={o.metrics_port}",
-            "--model-control-mode=none",
+            *(["--model-control-mode=explicit", *[f"--load-model={m}" for m in o.models]] if o.models
+              else ["--model-control-mode=none"]),
             "--strict-readiness=true",
             "--exit-on-error=true",
             "--disable-auto-complete-config",
@@ -131,7 +144,8 @@ class EmbeddedServer:
         ]
         if o.flavor != "gpu":
             args.append(f"--model-config-name={o.flavor}")
-        return args + o.extra_args
+        pin = ["taskset", "-c", o.cpus] if o.cpus else []
+        return pin + args + o.extra_args
 
     def environment(self) -> dict[str, str]:
         """The server's environment: its libraries, and this interpreter's bin first so stubs import medseg."""
@@ -148,7 +162,7 @@ class EmbeddedServer:
             self._log_handle = open(self.log_file, "w")
         self._proc = subprocess.Popen(
             self.command(), env=self.environment(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-            start_new_session=True,
+            start_new_session=True, preexec_fn=_terminate_with_parent,
         )
         Thread(target=self._pump, daemon=True).start()
         deadline = time.monotonic() + timeout_s
