@@ -67,7 +67,7 @@ bench: $(STAMP) $(ONNX) sysdeps $(PERF_ANALYZER)
 	$(PY) -m perf.bench --readme
 
 bench-full: $(STAMP) $(ONNX) sysdeps $(PERF_ANALYZER)
-	$(PY) -m perf.bench --full --readme
+	$(PY) -m perf.bench --full --out perf/results/full
 
 # retrain the shipped weights in the three stages recorded in export/weights/manifest.json
 # (about 80 min on 2 CPU cores; minutes on a GPU): base, tumor emphasis, lesion synthesis

@@ -148,3 +148,24 @@ def test_mig_plan_prints_the_layout_and_commands_and_refuses_a_bad_file(tmp_path
     bad.write_text(yaml.safe_dump(_doc("A100-80GB", "4g.40gb", "4g.40gb")))
     r = subprocess.run([*cli, str(bad)], capture_output=True, text=True, timeout=60)
     assert r.returncode == 2 and "compute slices" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_the_gateway_template_is_valid_nginx_once_keys_are_filled_in(tmp_path: Path) -> None:
+    import re
+    import shutil
+
+    nginx = shutil.which("nginx") or "/usr/sbin/nginx"
+    if not Path(nginx).exists():
+        pytest.fail("nginx not installed: run `make sysdeps` (Debian package nginx-light)")
+    layout = mig.plan(*mig.load_tenants(EXAMPLES["H200"]))
+    devices = mig.assign_devices(layout, mig.parse_nvidia_smi_l(LISTINGS["H200"].read_text()))
+    _, template = mig_compose.compose(layout, devices)
+    # what the nginx image does at start: fill ${VAR} from the environment; service names resolve on the
+    # compose network only, so loopback stands in for them here
+    text = re.sub(r"\$\{(MEDSEG_KEY_\w+)\}", lambda m: m.group(1).lower().replace("_", "-") + "-0123456789abcdef", template)
+    text = re.sub(r"triton-[a-z-]+:", "127.0.0.1:", text)
+    conf = tmp_path / "nginx.conf"
+    conf.write_text(text.replace("access_log /var/log/nginx/access.log", f"access_log {tmp_path}/access.log"))
+    r = subprocess.run([nginx, "-t", "-p", str(tmp_path), "-c", str(conf), "-e", str(tmp_path / "error.log"),
+                        "-g", f"pid {tmp_path}/nginx.pid;"], capture_output=True, text=True, timeout=30)
+    assert r.returncode == 0, r.stderr

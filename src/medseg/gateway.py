@@ -33,6 +33,11 @@ class Backend:
     metrics: str
 
 
+def _ident(tenant: str) -> str:
+    """A tenant name as an nginx identifier (variables, zones and upstreams cannot hold '-')."""
+    return tenant.replace("-", "_")
+
+
 def _rate(per_s: float) -> str:
     return f"{per_s:g}r/s" if per_s >= 1 and float(per_s).is_integer() else f"{max(1, round(per_s * 60))}r/m"
 
@@ -80,21 +85,22 @@ def nginx_config(backends: list[Backend], keys: dict[str, str], listen: str, met
     http += ["", f"map $http_{KEY_HEADER.replace('-', '_')} $tenant_name {{", '    default "";']
     http += [f'    "{keys[b.tenant.name]}" {b.tenant.name};' for b in backends]
     http += ["}", "", "map $tenant_name $tenant_backend {", "    default tenants_health;"]
-    http += [f"    {n} tenant_{n};" for n in names]
+    http += [f"    {n} tenant_{_ident(n)};" for n in names]
     http += ["}"]
     for b in backends:
-        n = b.tenant.name
-        http += [f"map $tenant_name $limit_{n} {{ {n} {n}; default \"\"; }}",
-                 f"limit_req_zone $limit_{n} zone=limit_{n}:1m rate={_rate(b.tenant.rate_limit_per_s)};",
-                 f"upstream tenant_{n} {{ server {b.grpc}; }}"]
+        n, i = b.tenant.name, _ident(b.tenant.name)
+        http += [f"map $tenant_name $limit_{i} {{ {n} {n}; default \"\"; }}",
+                 f"limit_req_zone $limit_{i} zone=limit_{i}:1m rate={_rate(b.tenant.rate_limit_per_s)};",
+                 f"upstream tenant_{i} {{ server {b.grpc}; }}"]
     http += ["upstream tenants_health {"] + [f"    server {b.grpc};" for b in backends] + ["}", ""]
     server = [f"listen {listen} http2;"]
     for rpc in HEALTH_RPCS:
         server += [f"location = /inference.GRPCInferenceService/{rpc} {{", "    grpc_pass grpc://$tenant_backend;", "}"]
     # inference is rate-limited per tenant; metadata and statistics calls need the key but no quota
     server += ["location = /inference.GRPCInferenceService/ModelInfer {", '    if ($tenant_name = "") { return 401; }']
-    server += [f"    limit_req zone=limit_{b.tenant.name}" + (f" burst={b.tenant.burst} nodelay;" if b.tenant.burst else ";")
-               for b in backends]
+    for b in backends:
+        burst = f" burst={b.tenant.burst} nodelay" if b.tenant.burst else ""
+        server.append(f"    limit_req zone=limit_{_ident(b.tenant.name)}{burst};")
     server += ["    grpc_pass grpc://$tenant_backend;", "}"]
     server += ["location / {", '    if ($tenant_name = "") { return 401; }', "    grpc_pass grpc://$tenant_backend;", "}"]
     http += ["server {"] + ["    " + s for s in server] + ["}", ""]
