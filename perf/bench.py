@@ -121,15 +121,26 @@ def served(flavor: str, instances: int = 1) -> Iterator[EmbeddedServer]:
             shutil.rmtree(tmp, ignore_errors=True)
 
 
-def measure_size(slices: int, ph: Phantom, args: argparse.Namespace, server: EmbeddedServer,
-                 monai: MonaiBaseline, reference: ReferencePipeline, work: Path) -> dict[str, Any]:
-    """Baseline, reference and served figures of one study size, and perf_analyzer's sweeps over it."""
-    import tritonclient.grpc as grpcclient
-
-    row: dict[str, Any] = {"slices": slices, "shape_zyx": list(ph.ct.shape), "spacing_zyx_mm": list(ph.spacing),
-                           "voxels": int(ph.ct.size)}
+def in_process(ph: Phantom, args: argparse.Namespace, monai: MonaiBaseline,
+               reference: ReferencePipeline) -> tuple[dict[str, Any], np.ndarray]:
+    """The MONAI baseline's and the reference pipeline's figures of one study (no server running: the
+    MONAI pipeline's inverse resampling of full-size logits needs the memory), and the reference labels."""
+    row: dict[str, Any] = {"slices": int(ph.ct.shape[0]), "shape_zyx": list(ph.ct.shape),
+                           "spacing_zyx_mm": list(ph.spacing), "voxels": int(ph.ct.size)}
     monai_t, monai_labels = timed(lambda: monai(ph.ct, ph.spacing), args.monai_repeat)
     ref_t, (ref_labels, _) = timed(lambda: reference(ph.ct, ph.spacing), args.repeat)
+    row.update({"monai_s": [round(t, 3) for t in monai_t], "reference_s": [round(t, 3) for t in ref_t],
+                "dice_monai_vs_reference": agreement(monai_labels, ref_labels),
+                "dice_vs_truth": {"monai": agreement(monai_labels, ph.labels)}})
+    return row, ref_labels
+
+
+def served_figures(row: dict[str, Any], ph: Phantom, ref_labels: np.ndarray, args: argparse.Namespace,
+                   server: EmbeddedServer, work: Path) -> None:
+    """Add the served figures of one study to its row: client end to end over gRPC and shared memory with
+    Triton's breakdown, then perf_analyzer's sweeps."""
+    import tritonclient.grpc as grpcclient
+
     stats = grpcclient.InferenceServerClient(server.grpc_url)
     with SegmentationClient(server.grpc_url) as client:
         client.segment(ph.ct, ph.spacing)  # warm-up: first-touch of the backends' shared memory
@@ -140,17 +151,16 @@ def measure_size(slices: int, ph: Phantom, args: argparse.Namespace, server: Emb
         client.segment(ph.ct, ph.spacing)
         shm_t, shm_result = timed(lambda: client.segment(ph.ct, ph.spacing), args.repeat)
     row.update({
-        "monai_s": [round(t, 3) for t in monai_t], "reference_s": [round(t, 3) for t in ref_t],
         "served_s": [round(t, 3) for t in srv_t], "served_shm_s": [round(t, 3) for t in shm_t],
         "steps_ms": {k: {s: round(v, 1) for s, v in d.items()} for k, d in pa.breakdown(before, after).items()},
         "dice_served_vs_reference": agreement(result.labels, ref_labels),
         "dice_served_shm_vs_reference": agreement(shm_result.labels, ref_labels),
-        "dice_monai_vs_reference": agreement(monai_labels, ref_labels),
-        "dice_vs_truth": {"served": agreement(result.labels, ph.labels), "monai": agreement(monai_labels, ph.labels)},
     })
-    row["speedup_vs_monai"] = round(statistics.median(monai_t) / statistics.median(srv_t), 2)
-    del monai_labels, ref_labels, result, shm_result
+    row["dice_vs_truth"]["served"] = agreement(result.labels, ph.labels)
+    row["speedup_vs_monai"] = round(statistics.median(row["monai_s"]) / statistics.median(srv_t), 2)
+    del result, shm_result
     gc.collect()  # the largest study's perf_analyzer sweep needs the memory back
+    slices = row["slices"]
     inputs = work / f"inputs-{slices}"
     shapes = pa.write_inputs(inputs, ph.ct, ph.spacing)
     row["perf_analyzer"] = {}
@@ -164,7 +174,6 @@ def measure_size(slices: int, ph: Phantom, args: argparse.Namespace, server: Emb
         rows = pa.run(server.grpc_url, inputs, shapes, csv_path, concurrency=(1, top),
                       shared_memory=transport, output_bytes=int(ph.ct.size) + (1 << 20))
         row["perf_analyzer"][name] = [m.__dict__ for m in rows]
-    return row
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -184,14 +193,20 @@ def main(argv: list[str] | None = None) -> int:
     monai, reference = MonaiBaseline(), ReferencePipeline()
     rows: list[dict[str, Any]] = []
     scaling: list[dict[str, Any]] = []
+    studies = {n: generate(SEED, num_slices=n, slice_thickness=SLICE_MM, pixel_spacing=PIXEL_MM)
+               for n in tqdm(sizes, desc="phantoms", unit="study")}
+    references = {}
+    for n in tqdm(sizes, desc="in-process (MONAI, reference)", unit="size"):
+        row, references[n] = in_process(studies[n], args, monai, reference)
+        rows.append(row)
+    del monai, reference
+    gc.collect()
     with tempfile.TemporaryDirectory(prefix="medseg-bench-") as tmp, served(args.flavor) as server:
-        for slices in tqdm(sizes, desc="study sizes", unit="size"):
-            ph = generate(SEED, num_slices=slices, slice_thickness=SLICE_MM, pixel_spacing=PIXEL_MM)
-            row = measure_size(slices, ph, args, server, monai, reference, Path(tmp))
-            rows.append(row)
+        for row in tqdm(rows, desc="served", unit="size"):
+            served_figures(row, studies[row["slices"]], references.pop(row["slices"]), args, server, Path(tmp))
             print(report.row_line(row), flush=True)
     if args.full:  # instance count: a second instance of every model, the 300-slice study, concurrency 1..4
-        ph = generate(SEED, num_slices=HEADLINE_SLICES, slice_thickness=SLICE_MM, pixel_spacing=PIXEL_MM)
+        ph = studies[HEADLINE_SLICES]
         with tempfile.TemporaryDirectory(prefix="medseg-bench-") as tmp:
             inputs = Path(tmp) / "inputs"
             shapes = pa.write_inputs(inputs, ph.ct, ph.spacing)

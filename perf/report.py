@@ -52,11 +52,11 @@ def headline(doc: dict[str, Any]) -> list[str]:
         lines.append(f"| {_study(r)} | {med(r['monai_s']):.2f} s | {med(r['reference_s']):.2f} s | "
                      f"{med(r['served_s']):.2f} s | {med(r['served_shm_s']):.2f} s | **x{r['speedup_vs_monai']:.1f}** | "
                      f"{_dice(r['dice_served_vs_reference'])} |")
-    m = doc["machine"]
+    m, target = doc["machine"], "make bench-full" if doc["full"] else "make bench"
     lines += ["", "Served: client end to end, volume in memory -> labels and findings in memory, through the embedded "
                   "Triton server on the same machine; shared memory: the client's `shared_memory=True` "
                   "(`medseg segment --shared-memory`).",
-              "", f"Measured by `make bench` on {m['label']} ({m['cores']} cores, {doc['flavor']} flavor) on "
+              "", f"Measured by `{target}` on {m['label']} ({m['cores']} cores, {doc['flavor']} flavor) on "
                   f"{doc['date']}; medians of {doc['repeat']} runs (MONAI: {len(doc['rows'][0]['monai_s'])}).", END]
     return lines
 
@@ -112,7 +112,7 @@ def _perf_analyzer(doc: dict[str, Any]) -> list[str]:
              "| study | transport | concurrency | volumes/s | p50 ms | p90 ms | p99 ms |", "|---|---|---|---|---|---|---|"]
     for r in doc["rows"]:
         for transport, ms in r["perf_analyzer"].items():
-            for m in ms:
+            for m in sorted(ms, key=lambda m: m["concurrency"]):
                 lines.append(f"| {_study(r)} | {transport} | {m['concurrency']} | {m['throughput']:.2f} | "
                              f"{m['p50_ms']:.0f} | {m['p90_ms']:.0f} | {m['p99_ms']:.0f} |")
     lines.append("")
@@ -120,7 +120,7 @@ def _perf_analyzer(doc: dict[str, Any]) -> list[str]:
         lines += ["### Instances per model (300-slice study, gRPC)", "",
                   "| instances | concurrency | volumes/s | p50 ms | p99 ms |", "|---|---|---|---|---|"]
         for s in doc["instances"]:
-            for m in s["rows"]:
+            for m in sorted(s["rows"], key=lambda m: m["concurrency"]):
                 lines.append(f"| {s['instances']} | {m['concurrency']} | {m['throughput']:.2f} | {m['p50_ms']:.0f} | "
                              f"{m['p99_ms']:.0f} |")
         lines.append("")
@@ -157,6 +157,7 @@ def plots(doc: dict[str, Any], out: Path) -> list[Path]:
         fig, ax = plt.subplots(figsize=(6, 4))
         for r in doc["rows"]:
             for transport, ms in r["perf_analyzer"].items():
+                ms = sorted(ms, key=lambda m: m["concurrency"])
                 ax.plot([m["concurrency"] for m in ms], [m[metric] for m in ms], marker="o",
                         label=f"{_study(r)}, {transport}")
         ax.set_xlabel("concurrency")

@@ -28,8 +28,11 @@ def cmd_phantom(args: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_serve(args: argparse.Namespace) -> int:
-    from medseg.server import EmbeddedServer, ServerOptions
+def serve_options(args: argparse.Namespace) -> Any:
+    """The embedded server's options for ``medseg serve``: hardened unless told otherwise."""
+    import secrets
+
+    from medseg.server import ServerOptions, Tls
 
     extra: list[str] = []
     if args.flavor == "cuda":
@@ -40,13 +43,33 @@ def cmd_serve(args: argparse.Namespace) -> int:
         require_cuda()  # refuse here, with the reason, rather than as a model load failure in the server's log
         # GPU tensors pass between the ensemble's steps through Triton's CUDA memory pool: 1 GiB per GPU
         extra = [f"--cuda-memory-pool-byte-size={i}:{1 << 30}" for i in range(torch.cuda.device_count())]
-    server = EmbeddedServer(ServerOptions(flavor=args.flavor, grpc_port=args.grpc_port, http_port=args.http_port,
-                                          metrics_port=args.metrics_port, address=args.address, extra_args=extra))
+    if (args.tls_cert is None) != (args.tls_key is None):
+        raise MedsegError("--tls-cert and --tls-key go together (the server's certificate chain and its key, PEM)")
+    tls = None
+    if args.tls_cert is not None:
+        for path in (args.tls_cert, args.tls_key):
+            if not path.is_file():
+                raise MedsegError(f"TLS file not found: {path}")
+        tls = Tls(args.tls_cert, args.tls_key)
+    # the admin protocols are always closed: behind $MEDSEG_ADMIN_KEY, or a key nobody knows
+    admin_key = os.environ.get("MEDSEG_ADMIN_KEY") or secrets.token_urlsafe(24)
+    return ServerOptions(flavor=args.flavor, grpc_port=args.grpc_port, http_port=args.http_port,
+                         metrics_port=args.metrics_port, address=args.address, extra_args=extra, http=args.http,
+                         admin_key=admin_key, tls=tls)
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    from medseg.server import EmbeddedServer
+
+    options = serve_options(args)
+    server = EmbeddedServer(options)
     t0 = time.monotonic()
 
     def announce() -> None:
-        print(f"medseg serving {SPEC.ensemble.name} ({args.flavor} flavor): gRPC {server.grpc_url}, "
-              f"HTTP {server.http_url}, ready in {time.monotonic() - t0:.1f} s; Ctrl-C stops", flush=True)
+        http = f"HTTP {server.http_url}" if options.http else "HTTP off"
+        admin = "admin APIs need $MEDSEG_ADMIN_KEY" if os.environ.get("MEDSEG_ADMIN_KEY") else "admin APIs closed"
+        print(f"medseg serving {SPEC.ensemble.name} ({args.flavor} flavor): gRPC{'+TLS' if options.tls else ''} "
+              f"{server.grpc_url}, {http}, {admin}; ready in {time.monotonic() - t0:.1f} s; Ctrl-C stops", flush=True)
 
     code = server.serve_until_signalled(announce)
     print("medseg server stopped", flush=True)
@@ -56,8 +79,9 @@ def cmd_serve(args: argparse.Namespace) -> int:
 def cmd_segment(args: argparse.Namespace) -> int:
     from medseg_client.segment import segment_to_dir
 
-    doc = segment_to_dir(args.url, args.input, args.out, args.model_name, args.timeout, args.series, args.shared_memory,
-                         args.tenant_key)
+    doc = segment_to_dir(args.url, args.input, args.out, args.model_name, args.timeout, args.series,
+                         shared_memory=args.shared_memory, tenant_key=args.tenant_key, tls_ca=args.tls_ca,
+                         admin_key=os.environ.get("MEDSEG_ADMIN_KEY"))
     print(summary(doc))
     print(f"wrote {args.out}/labels.nii.gz and findings.json")
     return 0
@@ -123,6 +147,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--grpc-port", type=int, default=8001)
     p.add_argument("--http-port", type=int, default=8000)
     p.add_argument("--metrics-port", type=int, default=8002)
+    p.add_argument("--http", action="store_true", help="also serve Triton's HTTP API on --http-port (off by default)")
+    p.add_argument("--tls-cert", type=Path, default=None, help="serve gRPC over TLS with this certificate chain (PEM)")
+    p.add_argument("--tls-key", type=Path, default=None, help="the TLS certificate's private key (PEM)")
     p.set_defaults(func=cmd_serve)
 
     p = sub.add_parser("segment", help="segment a DICOM series folder or a NIfTI file through the server")
@@ -134,6 +161,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--series", default=None, help="SeriesInstanceUID to read from a folder holding several")
     p.add_argument("--shared-memory", action="store_true",
                    help="on the server's host: pass the volume and labels through system shared memory, not gRPC")
+    p.add_argument("--tls-ca", type=Path, default=None, help="connect over TLS, verifying the server with this CA (PEM)")
     p.add_argument("--tenant-key", default=os.environ.get("MEDSEG_TENANT_KEY"),
                    help="the tenant's key for a medseg gateway (default: $MEDSEG_TENANT_KEY; prefer the variable, "
                         "command lines are visible to other users)")

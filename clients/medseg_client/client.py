@@ -19,6 +19,7 @@ import uuid
 from collections.abc import Iterator
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field
+from pathlib import Path
 from types import TracebackType
 from typing import Any
 
@@ -60,19 +61,26 @@ class SegmentationClient:
     """gRPC client of the ensemble; a context manager that closes its channel."""
 
     def __init__(self, url: str, model_name: str = SPEC.ensemble.name, timeout_s: float = 300.0,
-                 shared_memory: bool = False, tenant_key: str | None = None) -> None:
+                 shared_memory: bool = False, tenant_key: str | None = None, tls_ca: Path | None = None,
+                 admin_key: str | None = None) -> None:
         import tritonclient.grpc as grpcclient
 
         from medseg.gateway import KEY_HEADER
+        from medseg.server import ADMIN_GRPC_HEADER
 
         self.url = url
         self.model_name = model_name
         self.timeout_s = timeout_s
         self.shared_memory = shared_memory
-        # behind a medseg gateway every call carries the tenant's key (never logged)
-        self._headers = {KEY_HEADER: tenant_key} if tenant_key else None
+        # behind a medseg gateway every call carries the tenant's key; the admin key opens shared-memory
+        # registration and statistics on a hardened server (neither is ever logged)
+        headers = {KEY_HEADER: tenant_key, ADMIN_GRPC_HEADER: admin_key}
+        self._headers = {k: v for k, v in headers.items() if v} or None
+        if tls_ca is not None and not Path(tls_ca).is_file():
+            raise ServerError(f"TLS CA file not found: {tls_ca}")
         self._grpc = grpcclient
-        self._client = grpcclient.InferenceServerClient(url=url)
+        self._client = grpcclient.InferenceServerClient(url=url, ssl=tls_ca is not None,
+                                                        root_certificates=str(tls_ca) if tls_ca else None)
         self._checked = False
 
     def wait_until_ready(self, timeout_s: float = 60.0) -> None:

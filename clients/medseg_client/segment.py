@@ -37,10 +37,10 @@ def findings_document(study: Study, source: Path, result_findings: dict[str, Any
 
 
 def segment_to_dir(url: str, source: Path, out: Path, model_name: str, timeout_s: float,
-                   series_uid: str | None = None, shared_memory: bool = False,
-                   tenant_key: str | None = None) -> dict[str, Any]:
+                   series_uid: str | None = None, **client: Any) -> dict[str, Any]:
     """Segment ``source`` (DICOM folder or NIfTI); write labels.nii.gz, findings.json, preview.png and, for
-    DICOM input, seg.dcm into ``out``.
+    DICOM input, seg.dcm into ``out``. ``client`` are SegmentationClient's transport options
+    (shared_memory, tenant_key, tls_ca, admin_key).
 
     Outputs are staged in a temporary folder beside ``out`` and moved in only when all are written.
     """
@@ -49,9 +49,8 @@ def segment_to_dir(url: str, source: Path, out: Path, model_name: str, timeout_s
     if study.note:
         print(f"reading {study.note}", flush=True)
     t_read = time.perf_counter() - t0
-    with SegmentationClient(url, model_name=model_name, timeout_s=timeout_s, shared_memory=shared_memory,
-                            tenant_key=tenant_key) as client:
-        result = client.segment(study.ct, study.spacing)
+    with SegmentationClient(url, model_name=model_name, timeout_s=timeout_s, **client) as session:
+        result = session.segment(study.ct, study.spacing)
     t1 = time.perf_counter()
     out.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=".medseg-", dir=out.parent))

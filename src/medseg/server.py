@@ -1,8 +1,9 @@
 """The embedded Triton Inference Server: the real ``tritonserver`` shipped inside the nvidia-pytriton wheel.
 
 It runs on a CPU-only machine with the python backend and ensembles; ``--model-config-name`` picks
-the flavor (``cpu`` by default; ``cuda`` on a GPU host). Readiness is polled on ``/v2/health/ready``,
-never waited for by a fixed sleep.
+the flavor (``cpu`` by default; ``cuda`` on a GPU host). Readiness is polled over gRPC, never waited
+for by a fixed sleep. Hardening is in the options: no model control, HTTP only when asked, the admin
+protocols behind a key, gRPC over TLS.
 """
 
 from __future__ import annotations
@@ -15,15 +16,13 @@ import subprocess
 import sys
 import sysconfig
 import time
-import urllib.error
-import urllib.request
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from threading import Thread
 from types import TracebackType
-from typing import TextIO
+from typing import Any, TextIO
 
 from medseg.errors import ServerError
 from medseg.spec import MODEL_REPOSITORY, REPO_ROOT
@@ -75,11 +74,42 @@ def _terminate_with_parent() -> None:
         ctypes.CDLL(None, use_errno=True).prctl(pr_set_pdeathsig, signal.SIGTERM)
 
 
+def child_processes(pid: int) -> list[tuple[int, str]]:
+    """(pid, command name) of the live children of ``pid``, from /proc."""
+    out = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            text = stat.read_text()
+        except OSError:  # gone while listing
+            continue
+        name_end = text.rfind(")")
+        fields = text[name_end + 2 :].split()  # state, ppid, ...
+        if len(fields) > 1 and fields[1] == str(pid) and fields[0] not in ("Z", "X"):  # a dead child is gone
+            out.append((int(stat.parent.name), text[text.find("(") + 1 : name_end]))
+    return out
+
+
 def free_port() -> int:
     """A TCP port on loopback that nothing listens on right now."""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return int(s.getsockname()[1])
+
+
+# Triton's admin APIs, closed behind a key unless the caller sends it: gRPC header
+# "triton-grpc-protocol-medseg-admin-key", HTTP header "medseg-admin-key". Health, metadata and inference stay open.
+ADMIN_PROTOCOLS = ("model-repository", "shared-memory", "logging", "trace", "statistics")
+ADMIN_KEY_NAME = "medseg-admin-key"
+ADMIN_GRPC_HEADER = f"triton-grpc-protocol-{ADMIN_KEY_NAME}"
+
+
+@dataclass(frozen=True)
+class Tls:
+    """gRPC over TLS: the server's certificate chain and key (PEM); ``ca`` verifies it for readiness polls."""
+
+    cert: Path
+    key: Path
+    ca: Path | None = None
 
 
 @dataclass
@@ -96,6 +126,9 @@ class ServerOptions:
     extra_args: list[str] = field(default_factory=list)
     models: tuple[str, ...] = ()  # load only these (explicit model control); () loads the whole repository
     cpus: str | None = None  # pin the server and its model processes to these cores (taskset list, e.g. "0")
+    http: bool = False  # the HTTP endpoint only when asked; readiness is polled over gRPC
+    admin_key: str | None = None  # close ADMIN_PROTOCOLS behind this key
+    tls: Tls | None = None  # gRPC over TLS
 
 
 class EmbeddedServer:
@@ -110,6 +143,7 @@ class EmbeddedServer:
         self._proc: subprocess.Popen[bytes] | None = None
         self._tail: deque[str] = deque(maxlen=60)
         self._log_handle: TextIO | None = None
+        self._health: Any = None
 
     @property
     def grpc_url(self) -> str:
@@ -129,8 +163,7 @@ class EmbeddedServer:
             f"--backend-directory={python_backend_dir()}",
             f"--grpc-address={o.address}",
             f"--grpc-port={o.grpc_port}",
-            f"--http-address={o.address}",
-            f"--http-port={o.http_port}",
+            *([f"--http-address={o.address}", f"--http-port={o.http_port}"] if o.http else ["--allow-http=false"]),
             f"--metrics-port={o.metrics_port}",
             *(["--model-control-mode=explicit", *[f"--load-model={m}" for m in o.models]] if o.models
               else ["--model-control-mode=none"]),
@@ -144,6 +177,13 @@ class EmbeddedServer:
         ]
         if o.flavor != "gpu":
             args.append(f"--model-config-name={o.flavor}")
+        if o.admin_key:
+            protocols = ",".join(ADMIN_PROTOCOLS)
+            args.append(f"--grpc-restricted-protocol={protocols}:{ADMIN_KEY_NAME}={o.admin_key}")
+            if o.http:
+                args.append(f"--http-restricted-api={protocols}:{ADMIN_KEY_NAME}={o.admin_key}")
+        if o.tls:
+            args += ["--grpc-use-ssl=true", f"--grpc-server-cert={o.tls.cert}", f"--grpc-server-key={o.tls.key}"]
         pin = ["taskset", "-c", o.cpus] if o.cpus else []
         return pin + args + o.extra_args
 
@@ -159,7 +199,7 @@ class EmbeddedServer:
     def start(self, timeout_s: float = 180.0) -> EmbeddedServer:
         """Start the server and return once it reports ready; raise ServerError with its log otherwise."""
         if self.log_file is not None:
-            self._log_handle = open(self.log_file, "w")
+            self._log_handle = open(self.log_file, "a")  # a restart appends to the same log
         self._proc = subprocess.Popen(
             self.command(), env=self.environment(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
             start_new_session=True, preexec_fn=_terminate_with_parent,
@@ -186,11 +226,17 @@ class EmbeddedServer:
                 self._log_handle.flush()
 
     def ready(self) -> bool:
-        """True once ``/v2/health/ready`` answers 200 (every model loaded)."""
+        """True once the server says it is ready over gRPC (every model loaded)."""
+        import tritonclient.grpc as grpcclient
+
+        tls = self.options.tls
         try:
-            with urllib.request.urlopen(self.http_url + "/v2/health/ready", timeout=1.0) as r:
-                return bool(r.status == 200)
-        except (urllib.error.URLError, ConnectionError, TimeoutError, OSError):
+            if self._health is None:
+                self._health = grpcclient.InferenceServerClient(
+                    self.grpc_url, ssl=tls is not None,
+                    root_certificates=str(tls.ca or tls.cert) if tls is not None else None)
+            return bool(self._health.is_server_ready(client_timeout=2.0))
+        except Exception:  # not up yet, or refusing: not ready
             return False
 
     def running(self) -> bool:
@@ -202,10 +248,20 @@ class EmbeddedServer:
         if self._proc is not None and self._proc.poll() is None:
             self._proc.send_signal(signal.SIGTERM)
 
-    def serve_until_signalled(self, on_ready: Callable[[], None] = lambda: None, grace_s: float = 20.0) -> int:
+    def model_processes(self) -> list[int]:
+        """PIDs of the server's python-backend model processes (the stubs it started)."""
+        if self._proc is None:
+            return []
+        return [pid for pid, name in child_processes(self._proc.pid) if name.startswith("triton_python")]
+
+    def serve_until_signalled(self, on_ready: Callable[[], None] = lambda: None, grace_s: float = 20.0,
+                              restart_on_model_crash: bool = True,
+                              log: Callable[[str], None] = lambda m: print(m, file=sys.stderr, flush=True)) -> int:
         """Start, call ``on_ready``, and block until the server exits; SIGINT/SIGTERM (from the moment this
         is called) ask it to stop, and it is killed after ``grace_s``.
 
+        Triton's python backend does not restart a model process that died, so a server that lost one is
+        restarted here (the requests it held failed fast with an error; clients may retry).
         Returns the server's exit code, or 0 when it stopped because it was asked to.
         """
         asked: dict[str, float] = {}
@@ -223,9 +279,20 @@ class EmbeddedServer:
                     return 0
                 raise
             on_ready()
+            expected = len(self.model_processes())
             while self.running():
-                if "at" in asked and time.monotonic() - asked["at"] > grace_s:
-                    break
+                if "at" in asked:
+                    if time.monotonic() - asked["at"] > grace_s:
+                        break
+                elif restart_on_model_crash and len(self.model_processes()) < expected:
+                    log(f"a model process died ({len(self.model_processes())} of {expected} left): restarting the server")
+                    self.stop(timeout_s=5.0)
+                    if "at" in asked:
+                        break
+                    self.start()
+                    expected = len(self.model_processes())
+                    log("server restarted and ready")
+                    continue
                 time.sleep(0.2)
             code = self._proc.returncode if self._proc is not None else 0
         finally:
@@ -244,6 +311,9 @@ class EmbeddedServer:
             except subprocess.TimeoutExpired:
                 os.killpg(proc.pid, signal.SIGKILL)
                 proc.wait()
+        if self._health is not None:
+            self._health.close()
+            self._health = None
         if self._log_handle is not None:
             self._log_handle.close()
             self._log_handle = None
