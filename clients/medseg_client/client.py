@@ -12,8 +12,10 @@ then cross through a region registered for that one request instead of gRPC mess
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
+import random
 import time
 import uuid
 from collections.abc import Iterator
@@ -34,6 +36,33 @@ class ModelMismatchError(MedsegError):
     """The server's model does not have the inputs and outputs the spec says it has."""
 
 
+class ServerUnavailableError(ServerError):
+    """The server could not be reached or did not answer in time (gRPC UNAVAILABLE / DEADLINE_EXCEEDED):
+    the only errors worth retrying."""
+
+
+# tritonclient's own channel options (messages up to 2 GiB, keepalive) plus a short reconnect backoff:
+# gRPC's default grows to 2 minutes, so a client would keep failing long after a restarted server is back
+CHANNEL_ARGS = [
+    ("grpc.max_send_message_length", 2**31 - 1),
+    ("grpc.max_receive_message_length", 2**31 - 1),
+    ("grpc.keepalive_time_ms", 2**31 - 1),
+    ("grpc.keepalive_timeout_ms", 20000),
+    ("grpc.keepalive_permit_without_calls", False),
+    ("grpc.http2.max_pings_without_data", 2),
+    ("grpc.initial_reconnect_backoff_ms", 200),
+    ("grpc.min_reconnect_backoff_ms", 200),
+    ("grpc.max_reconnect_backoff_ms", 2000),
+]
+
+
+def study_key(ct: np.ndarray, spacing: tuple[float, float, float]) -> str:
+    """A short digest of a study's voxels and spacing: the request id of every attempt at it."""
+    h = hashlib.sha256(np.ascontiguousarray(ct).tobytes())
+    h.update(np.asarray(spacing, np.float64).tobytes())
+    return h.hexdigest()[:24]
+
+
 @dataclass
 class SegmentationResult:
     """Labels on the study's grid, the server's findings, and where the time went."""
@@ -41,6 +70,7 @@ class SegmentationResult:
     labels: np.ndarray
     findings: dict[str, Any]
     timings_s: dict[str, float] = field(default_factory=dict)
+    attempts: int = 1  # requests sent for this study (> 1 after a retried outage)
 
 
 def _raise_from(e: Exception, what: str) -> None:
@@ -51,8 +81,11 @@ def _raise_from(e: Exception, what: str) -> None:
         message = e.message() or str(e)
         if "INVALID_ARGUMENT" in status:
             raise StudyError(f"{what}: the server refused the study: {message}") from e
-        if "UNAVAILABLE" in status or "DEADLINE" in status:
-            raise ServerError(f"{what}: server unavailable ({status}): {message}") from e
+        # a server starting or stopping answers NOT_FOUND "... has no available versions" for its models:
+        # the model is there but not loaded, as transient as a refused connection
+        loading = "NOT_FOUND" in status and ("no available versions" in message or "is not ready" in message)
+        if "UNAVAILABLE" in status or "DEADLINE" in status or loading:
+            raise ServerUnavailableError(f"{what}: server unavailable ({status}): {message}") from e
         raise ServerError(f"{what}: {status} {message}".strip()) from e
     raise e
 
@@ -62,7 +95,7 @@ class SegmentationClient:
 
     def __init__(self, url: str, model_name: str = SPEC.ensemble.name, timeout_s: float = 300.0,
                  shared_memory: bool = False, tenant_key: str | None = None, tls_ca: Path | None = None,
-                 admin_key: str | None = None) -> None:
+                 admin_key: str | None = None, retries: int = 3, backoff_s: float = 0.5) -> None:
         import tritonclient.grpc as grpcclient
 
         from medseg.gateway import KEY_HEADER
@@ -72,6 +105,7 @@ class SegmentationClient:
         self.model_name = model_name
         self.timeout_s = timeout_s
         self.shared_memory = shared_memory
+        self.retries, self.backoff_s = retries, backoff_s  # for UNAVAILABLE / DEADLINE_EXCEEDED only
         # behind a medseg gateway every call carries the tenant's key; the admin key opens shared-memory
         # registration and statistics on a hardened server (neither is ever logged)
         headers = {KEY_HEADER: tenant_key, ADMIN_GRPC_HEADER: admin_key}
@@ -80,7 +114,8 @@ class SegmentationClient:
             raise ServerError(f"TLS CA file not found: {tls_ca}")
         self._grpc = grpcclient
         self._client = grpcclient.InferenceServerClient(url=url, ssl=tls_ca is not None,
-                                                        root_certificates=str(tls_ca) if tls_ca else None)
+                                                        root_certificates=str(tls_ca) if tls_ca else None,
+                                                        channel_args=CHANNEL_ARGS)
         self._checked = False
 
     def wait_until_ready(self, timeout_s: float = 60.0) -> None:
@@ -116,8 +151,27 @@ class SegmentationClient:
         return dict(meta)
 
     def segment(self, ct: np.ndarray, spacing: tuple[float, float, float]) -> SegmentationResult:
-        """Segment one (z, y, x) int16 HU volume with its (z, y, x) spacing in mm."""
+        """Segment one (z, y, x) int16 HU volume with its (z, y, x) spacing in mm.
+
+        A server that is unreachable or too slow is retried up to ``retries`` times with full-jitter
+        exponential backoff, every attempt carrying the study's key as its request id; a refused study
+        (INVALID_ARGUMENT) or a server-side failure is never retried. One call, one result or one error.
+        """
         check_study(ct.shape, ct.dtype, spacing)
+        key = study_key(ct, spacing)
+        for attempt in range(self.retries + 1):
+            try:
+                result = self._segment_once(ct, spacing, key)
+                result.attempts = attempt + 1
+                return result
+            except ServerUnavailableError as e:
+                if attempt == self.retries:
+                    raise ServerUnavailableError(f"{e} (gave up after {attempt + 1} attempts)") from e
+                time.sleep(random.uniform(0.0, self.backoff_s * 2**attempt))
+                self._checked = False  # a server that came back may serve another model: check it again
+        raise AssertionError("unreachable")
+
+    def _segment_once(self, ct: np.ndarray, spacing: tuple[float, float, float], key: str) -> SegmentationResult:
         if not self._checked:
             self.check_model()
         g = self._grpc
@@ -141,8 +195,8 @@ class SegmentationClient:
             before = self._model_stats()
             t0 = time.perf_counter()
             try:
-                response = self._client.infer(self.model_name, inputs, outputs=outputs, client_timeout=self.timeout_s,
-                                               headers=self._headers)
+                response = self._client.infer(self.model_name, inputs, outputs=outputs, request_id=key,
+                                               client_timeout=self.timeout_s, headers=self._headers)
             except Exception as e:
                 _raise_from(e, f"{self.url}: segmenting")
             elapsed = time.perf_counter() - t0

@@ -144,6 +144,9 @@ class EmbeddedServer:
         self._tail: deque[str] = deque(maxlen=60)
         self._log_handle: TextIO | None = None
         self._health: Any = None
+        # the python backend's shared-memory regions carry this prefix, so the ones a killed server leaves
+        # in /dev/shm (gigabytes of RAM) are found and removed when it is stopped
+        self._shm_prefix = f"medseg_{os.getpid()}_{id(self):x}_"
 
     @property
     def grpc_url(self) -> str:
@@ -171,6 +174,7 @@ class EmbeddedServer:
             "--exit-on-error=true",
             "--disable-auto-complete-config",
             f"--log-verbose={o.log_verbose}",
+            f"--backend-config=python,shm-region-prefix-name={self._shm_prefix}",
             f"--backend-config=python,shm-default-byte-size={SHM_BYTES}",
             f"--backend-config=python,shm-growth-byte-size={SHM_BYTES}",
             "--exit-timeout-secs=10",
@@ -311,6 +315,9 @@ class EmbeddedServer:
             except subprocess.TimeoutExpired:
                 os.killpg(proc.pid, signal.SIGKILL)
                 proc.wait()
+        if proc is not None:
+            for region in Path("/dev/shm").glob(self._shm_prefix + "*"):
+                region.unlink(missing_ok=True)
         if self._health is not None:
             self._health.close()
             self._health = None
