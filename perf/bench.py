@@ -101,17 +101,15 @@ def served(flavor: str, instances: int = 1) -> Iterator[EmbeddedServer]:
         from medseg import configgen
 
         tmp = Path(tempfile.mkdtemp(prefix="medseg-bench-"))
-        repo = tmp / "model_repository"
-        shutil.copytree(MODEL_REPOSITORY, repo, ignore=shutil.ignore_patterns("__pycache__"))
-        for rel, cfg in configgen.config_dicts().items():
-            if rel.endswith(f"configs/{flavor}.pbtxt"):
-                cfg["instance_group"][0]["count"] = instances
-                (repo / rel).write_text(configgen.to_pbtxt(cfg))
+        flavored = {rel: cfg for rel, cfg in configgen.config_dicts().items() if rel.endswith(f"configs/{flavor}.pbtxt")}
+        for cfg in flavored.values():
+            cfg["instance_group"][0]["count"] = instances
+        repo = configgen.repository_variant(tmp / "model_repository", flavored)
     extra = []
     if flavor == "cuda":
-        import torch
+        from medseg.flavors import cuda_memory_pool_args
 
-        extra = [f"--cuda-memory-pool-byte-size={i}:{1 << 30}" for i in range(torch.cuda.device_count())]
+        extra = cuda_memory_pool_args()
     try:
         with EmbeddedServer(ServerOptions(flavor=flavor, grpc_port=0, http_port=0, metrics_port=0,
                                           model_repository=repo, extra_args=extra)) as server:

@@ -18,12 +18,12 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from medseg_client.client import STAT_STEPS, model_statistics
 
 from medseg.errors import ServerError
 from medseg.spec import REPO_ROOT, SPEC
 
 BINARY = REPO_ROOT / ".perf_tools" / "bin" / "perf_analyzer"
-STEPS = ("queue", "compute_input", "compute_infer", "compute_output")
 
 
 def binary() -> Path:
@@ -101,13 +101,7 @@ def run(url: str, inputs_dir: Path, shapes: list[str], csv_path: Path, *, concur
 
 def statistics(client: Any) -> dict[str, dict[str, float]]:
     """Cumulative per-model counters from Triton: successful requests and total ns per step."""
-    stats = client.get_inference_statistics(as_json=True)
-    out: dict[str, dict[str, float]] = {}
-    for m in stats.get("model_stats", []):
-        s = m.get("inference_stats", {})
-        out[m["name"]] = {"count": float(s.get("success", {}).get("count", 0)),
-                          **{k: float(s.get(k, {}).get("ns", 0)) for k in STEPS}}
-    return out
+    return model_statistics(client.get_inference_statistics(as_json=True))
 
 
 def breakdown(before: dict[str, dict[str, float]], after: dict[str, dict[str, float]]) -> dict[str, dict[str, float]]:
@@ -117,5 +111,5 @@ def breakdown(before: dict[str, dict[str, float]], after: dict[str, dict[str, fl
         b = before.get(name, {})
         n = a["count"] - b.get("count", 0.0)
         if n > 0:
-            out[name] = {"requests": n, **{k: (a[k] - b.get(k, 0.0)) / n / 1e6 for k in STEPS}}
+            out[name] = {"requests": n, **{k: (a[k] - b.get(k, 0.0)) / n / 1e6 for k in STAT_STEPS}}
     return out

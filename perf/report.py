@@ -14,11 +14,12 @@ import statistics
 from pathlib import Path
 from typing import Any
 
+from medseg_client.client import STAT_STEPS
+
 from medseg.spec import SPEC
 
 BEGIN, END = "<!-- bench:headline:begin -->", "<!-- bench:headline:end -->"
 E2E_TARGET_S, SPEEDUP_TARGET = 4.0, 4.0  # the cpu flavor's targets for a 512 x 512 x 300 CT through Triton
-STEP_NAMES = ("queue", "compute_input", "compute_infer", "compute_output")
 
 
 def med(values: list[float]) -> float:
@@ -68,9 +69,9 @@ def _targets(doc: dict[str, Any]) -> list[str]:
     r = rows[0]
     e2e, e2e_shm, speedup = med(r["served_s"]), med(r["served_shm_s"]), r["speedup_vs_monai"]
     steps = r["steps_ms"]
-    ensemble_ms = sum(steps.get(SPEC.ensemble.name, {}).get(k, 0.0) for k in STEP_NAMES)
+    ensemble_ms = sum(steps.get(SPEC.ensemble.name, {}).get(k, 0.0) for k in STAT_STEPS)
     client_ms = e2e * 1000 - ensemble_ms
-    parts = {name: sum(steps.get(name, {}).get(k, 0.0) for k in STEP_NAMES)
+    parts = {name: sum(steps.get(name, {}).get(k, 0.0) for k in STAT_STEPS)
              for name in (SPEC.preprocess.name, SPEC.segmenter.name, SPEC.postprocess.name)}
     biggest = max(parts, key=lambda k: parts[k])
     lines = ["## Targets (cpu flavor, 512 x 512 x 300 CT through Triton)", "",
@@ -98,8 +99,8 @@ def _breakdown(doc: dict[str, Any]) -> list[str]:
         for name in (SPEC.preprocess.name, SPEC.segmenter.name, SPEC.postprocess.name, SPEC.ensemble.name):
             s = r["steps_ms"].get(name)
             if s:
-                total = sum(s[k] for k in STEP_NAMES)
-                lines.append(f"| {_study(r)} | {name} | " + " | ".join(f"{s[k]:.0f}" for k in STEP_NAMES) + f" | {total:.0f} |")
+                total = sum(s[k] for k in STAT_STEPS)
+                lines.append(f"| {_study(r)} | {name} | " + " | ".join(f"{s[k]:.0f}" for k in STAT_STEPS) + f" | {total:.0f} |")
     lines += ["", "The ensemble row is the whole server side; compute input/output of a python model include the copies "
                   "through the python backend's shared memory.", ""]
     return lines
@@ -188,11 +189,11 @@ def plots(doc: dict[str, Any], out: Path) -> list[Path]:
     labels = [_study(r) for r in doc["rows"]]
     bottom = [0.0] * len(doc["rows"])
     for model in models:
-        for step in STEP_NAMES[1:]:
+        for step in STAT_STEPS[1:]:
             vals = [r["steps_ms"].get(model, {}).get(step, 0.0) for r in doc["rows"]]
             ax.bar(labels, vals, bottom=bottom, label=f"{model} {step.replace('compute_', '')}")
             bottom = [b + v for b, v in zip(bottom, vals, strict=True)]
-    client = [med(r["served_s"]) * 1000 - sum(r["steps_ms"].get(SPEC.ensemble.name, {}).get(k, 0.0) for k in STEP_NAMES)
+    client = [med(r["served_s"]) * 1000 - sum(r["steps_ms"].get(SPEC.ensemble.name, {}).get(k, 0.0) for k in STAT_STEPS)
               for r in doc["rows"]]
     ax.bar(labels, client, bottom=bottom, label="client + transfer", color="lightgrey")
     ax.set_ylabel("ms per study")

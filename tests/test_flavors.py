@@ -8,9 +8,7 @@ test serves the committed configs (KIND_GPU) and asks for the same agreement.
 from __future__ import annotations
 
 import json
-import shutil
 from collections.abc import Iterator
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -116,15 +114,6 @@ def test_torch_segmenter_and_postprocess_steps_agree_with_the_cpu_flavor(study: 
 # ---------------------------------------------------------------- through the real server
 
 
-def _cuda_repository(tmp: Path, kind: str) -> Path:
-    """A copy of the model repository whose cuda configs have instances of ``kind``."""
-    repo = tmp / "model_repository"
-    shutil.copytree(MODEL_REPOSITORY, repo, ignore=shutil.ignore_patterns("__pycache__"))
-    for rel, config in configgen.cuda_flavor(kind).items():
-        (repo / rel).write_text(configgen.to_pbtxt(config))
-    return repo
-
-
 @pytest.fixture(scope="module", params=[
     pytest.param("KIND_CPU", marks=pytest.mark.server, id="cuda-flavor-code-on-cpu"),
     pytest.param("KIND_GPU", marks=[pytest.mark.server, pytest.mark.gpu], id="cuda-flavor-on-gpu"),
@@ -138,10 +127,11 @@ def cuda_server(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPat
     if reason:
         pytest.fail(reason)
     tmp = tmp_path_factory.mktemp("cuda")
-    repo = MODEL_REPOSITORY if request.param == "KIND_GPU" else _cuda_repository(tmp, request.param)
-    pools = [f"--cuda-memory-pool-byte-size={i}:{1 << 30}" for i in range(torch.cuda.device_count())]
+    # without a GPU: the cuda configs with KIND_CPU instances, in a copy of the repository
+    repo = (MODEL_REPOSITORY if request.param == "KIND_GPU"
+            else configgen.repository_variant(tmp / "model_repository", configgen.cuda_flavor(request.param)))
     options = ServerOptions(flavor="cuda", grpc_port=0, http_port=0, metrics_port=0, model_repository=repo,
-                            extra_args=pools)
+                            extra_args=flavors.cuda_memory_pool_args())
     with EmbeddedServer(options, log_file=tmp / "tritonserver.log") as s:
         yield s
 

@@ -120,9 +120,10 @@ def _client(topology: dict[str, Any], tenant: str | None, key: str | None = None
 
 def _served_count(server: Any) -> int:
     import tritonclient.grpc as grpcclient
+    from medseg_client.client import model_statistics
 
     stats = grpcclient.InferenceServerClient(server.grpc_url).get_inference_statistics(SPEC.ensemble.name, as_json=True)
-    return int(stats["model_stats"][0]["inference_stats"]["success"].get("count", 0))
+    return int(model_statistics(stats)[SPEC.ensemble.name]["count"])
 
 
 def _log_counts(log: Path, rpc: str = "ModelInfer") -> dict[str, int]:

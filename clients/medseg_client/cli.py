@@ -10,10 +10,13 @@ import os
 import sys
 import time
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from medseg.errors import MedsegError
 from medseg.spec import SPEC
+
+if TYPE_CHECKING:
+    from medseg.server import ServerOptions
 
 
 def cmd_phantom(args: argparse.Namespace) -> int:
@@ -28,7 +31,7 @@ def cmd_phantom(args: argparse.Namespace) -> int:
     return 0
 
 
-def serve_options(args: argparse.Namespace) -> Any:
+def serve_options(args: argparse.Namespace) -> ServerOptions:
     """The embedded server's options for ``medseg serve``: hardened unless told otherwise."""
     import secrets
 
@@ -36,13 +39,10 @@ def serve_options(args: argparse.Namespace) -> Any:
 
     extra: list[str] = []
     if args.flavor == "cuda":
-        import torch
-
-        from medseg.flavors import require_cuda
+        from medseg.flavors import cuda_memory_pool_args, require_cuda
 
         require_cuda()  # refuse here, with the reason, rather than as a model load failure in the server's log
-        # GPU tensors pass between the ensemble's steps through Triton's CUDA memory pool: 1 GiB per GPU
-        extra = [f"--cuda-memory-pool-byte-size={i}:{1 << 30}" for i in range(torch.cuda.device_count())]
+        extra = cuda_memory_pool_args()
     if (args.tls_cert is None) != (args.tls_key is None):
         raise MedsegError("--tls-cert and --tls-key go together (the server's certificate chain and its key, PEM)")
     tls = None
@@ -197,7 +197,6 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print(f"medseg {args.command}: interrupted", file=sys.stderr)
         return 130
-
 
 
 if __name__ == "__main__":

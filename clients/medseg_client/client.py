@@ -37,23 +37,41 @@ class ModelMismatchError(MedsegError):
 
 
 class ServerUnavailableError(ServerError):
-    """The server could not be reached or did not answer in time (gRPC UNAVAILABLE / DEADLINE_EXCEEDED):
-    the only errors worth retrying."""
+    """The server could not be reached, did not answer in time or is still loading its models
+    (gRPC UNAVAILABLE, DEADLINE_EXCEEDED, NOT_FOUND "no available versions"): the only errors worth retrying."""
 
 
-# tritonclient's own channel options (messages up to 2 GiB, keepalive) plus a short reconnect backoff:
-# gRPC's default grows to 2 minutes, so a client would keep failing long after a restarted server is back
-CHANNEL_ARGS = [
-    ("grpc.max_send_message_length", 2**31 - 1),
-    ("grpc.max_receive_message_length", 2**31 - 1),
-    ("grpc.keepalive_time_ms", 2**31 - 1),
-    ("grpc.keepalive_timeout_ms", 20000),
-    ("grpc.keepalive_permit_without_calls", False),
-    ("grpc.http2.max_pings_without_data", 2),
-    ("grpc.initial_reconnect_backoff_ms", 200),
-    ("grpc.min_reconnect_backoff_ms", 200),
-    ("grpc.max_reconnect_backoff_ms", 2000),
-]
+def channel_args() -> list[tuple[str, Any]]:
+    """tritonclient's own channel options (messages up to 2 GiB, its keepalive defaults) plus a short
+    reconnect backoff: gRPC's default grows to 2 minutes, so a client would keep failing long after a
+    restarted server is back. (Passing channel_args replaces tritonclient's options, hence the copy.)"""
+    from tritonclient.grpc import KeepAliveOptions
+
+    keepalive = KeepAliveOptions()
+    return [
+        ("grpc.max_send_message_length", 2**31 - 1),
+        ("grpc.max_receive_message_length", 2**31 - 1),
+        ("grpc.keepalive_time_ms", keepalive.keepalive_time_ms),
+        ("grpc.keepalive_timeout_ms", keepalive.keepalive_timeout_ms),
+        ("grpc.keepalive_permit_without_calls", keepalive.keepalive_permit_without_calls),
+        ("grpc.http2.max_pings_without_data", keepalive.http2_max_pings_without_data),
+        ("grpc.initial_reconnect_backoff_ms", 200),
+        ("grpc.min_reconnect_backoff_ms", 200),
+        ("grpc.max_reconnect_backoff_ms", 2000),
+    ]
+
+
+STAT_STEPS = ("queue", "compute_input", "compute_infer", "compute_output")
+
+
+def model_statistics(stats: dict[str, Any]) -> dict[str, dict[str, float]]:
+    """Triton's statistics (as JSON) per model: successful requests and cumulative ns of each step."""
+    out: dict[str, dict[str, float]] = {}
+    for m in stats.get("model_stats", []):
+        s = m.get("inference_stats", {})
+        out[m["name"]] = {"count": float(s.get("success", {}).get("count", 0)),
+                          **{k: float(s.get(k, {}).get("ns", 0)) for k in STAT_STEPS}}
+    return out
 
 
 def study_key(ct: np.ndarray, spacing: tuple[float, float, float]) -> str:
@@ -105,7 +123,7 @@ class SegmentationClient:
         self.model_name = model_name
         self.timeout_s = timeout_s
         self.shared_memory = shared_memory
-        self.retries, self.backoff_s = retries, backoff_s  # for UNAVAILABLE / DEADLINE_EXCEEDED only
+        self.retries, self.backoff_s = retries, backoff_s  # for ServerUnavailableError only
         # behind a medseg gateway every call carries the tenant's key; the admin key opens shared-memory
         # registration and statistics on a hardened server (neither is ever logged)
         headers = {KEY_HEADER: tenant_key, ADMIN_GRPC_HEADER: admin_key}
@@ -115,7 +133,7 @@ class SegmentationClient:
         self._grpc = grpcclient
         self._client = grpcclient.InferenceServerClient(url=url, ssl=tls_ca is not None,
                                                         root_certificates=str(tls_ca) if tls_ca else None,
-                                                        channel_args=CHANNEL_ARGS)
+                                                        channel_args=channel_args())
         self._checked = False
 
     def wait_until_ready(self, timeout_s: float = 60.0) -> None:
@@ -153,7 +171,7 @@ class SegmentationClient:
     def segment(self, ct: np.ndarray, spacing: tuple[float, float, float]) -> SegmentationResult:
         """Segment one (z, y, x) int16 HU volume with its (z, y, x) spacing in mm.
 
-        A server that is unreachable or too slow is retried up to ``retries`` times with full-jitter
+        A server that is unreachable, too slow or still loading is retried up to ``retries`` times with full-jitter
         exponential backoff, every attempt carrying the study's key as its request id; a refused study
         (INVALID_ARGUMENT) or a server-side failure is never retried. One call, one result or one error.
         """
@@ -235,21 +253,16 @@ class SegmentationClient:
                     pass
                 shm.destroy_shared_memory_region(handle)
 
-    def _model_stats(self) -> dict[str, int]:
-        """Cumulative compute nanoseconds of each composing model (from Triton's statistics)."""
+    def _model_stats(self) -> dict[str, float]:
+        """Cumulative queue + compute nanoseconds of each model; {} where statistics are closed to us."""
         try:
             stats = self._client.get_inference_statistics(headers=self._headers, as_json=True)
         except Exception:
             return {}
-        out = {}
-        for m in stats.get("model_stats", []):
-            s = m.get("inference_stats", {})
-            ns = sum(int(s.get(k, {}).get("ns", 0)) for k in ("compute_input", "compute_infer", "compute_output"))
-            out[m["name"]] = ns + int(s.get("queue", {}).get("ns", 0))
-        return out
+        return {name: sum(s[k] for k in STAT_STEPS) for name, s in model_statistics(stats).items()}
 
     @staticmethod
-    def _stage_times(before: dict[str, int], after: dict[str, int]) -> dict[str, float]:
+    def _stage_times(before: dict[str, float], after: dict[str, float]) -> dict[str, float]:
         names = {SPEC.preprocess.name: "preprocess_s", SPEC.segmenter.name: "segmenter_s",
                  SPEC.postprocess.name: "postprocess_s"}
         return {label: round((after.get(m, 0) - before.get(m, 0)) / 1e9, 3)

@@ -161,6 +161,17 @@ def configs() -> dict[Path, str]:
     return {MODEL_REPOSITORY / rel: to_pbtxt(cfg) for rel, cfg in config_dicts().items()}
 
 
+def repository_variant(dest: Path, configs: dict[str, dict[str, Any]]) -> Path:
+    """A copy of the model repository at ``dest`` with ``configs`` (path relative to it -> config) written
+    over the generated ones: for a test or a benchmark that serves, say, other instance counts."""
+    import shutil
+
+    shutil.copytree(MODEL_REPOSITORY, dest, ignore=shutil.ignore_patterns("__pycache__"))
+    for rel, config in configs.items():
+        (dest / rel).write_text(to_pbtxt(config))
+    return dest
+
+
 def check(repo_files: dict[Path, str]) -> list[str]:
     """Unified diffs of every config whose committed text differs from the generated one."""
     diffs = []

@@ -60,6 +60,14 @@ def require_cuda(device: str = "cuda:0") -> None:
                             "pip install 'medseg[cuda]'") from e
 
 
+def cuda_memory_pool_args(byte_size: int = 1 << 30) -> list[str]:
+    """tritonserver flags for a CUDA memory pool on every visible GPU: the cuda flavor's steps pass GPU
+    tensors to each other through it (none where there is no GPU)."""
+    import torch
+
+    return [f"--cuda-memory-pool-byte-size={i}:{byte_size}" for i in range(torch.cuda.device_count())]
+
+
 # ---------------------------------------------------------------- ct_preprocess
 
 

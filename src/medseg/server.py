@@ -288,8 +288,8 @@ class EmbeddedServer:
                 if "at" in asked:
                     if time.monotonic() - asked["at"] > grace_s:
                         break
-                elif restart_on_model_crash and len(self.model_processes()) < expected:
-                    log(f"a model process died ({len(self.model_processes())} of {expected} left): restarting the server")
+                elif restart_on_model_crash and (alive := len(self.model_processes())) < expected:
+                    log(f"a model process died ({alive} of {expected} left): restarting the server")
                     self.stop(timeout_s=5.0)
                     if "at" in asked:
                         break
