@@ -1,7 +1,12 @@
-"""Shared fixtures: the real embedded tritonserver (session-wide, free ports) and small phantoms."""
+"""Shared fixtures: the real embedded tritonserver (session-wide, free ports) and small phantoms.
+
+``MEDSEG_TEST_FLAVOR=cuda`` (on a GPU host) makes the session's server serve the cuda flavor, so the
+server tests run against it; the default is the cpu flavor.
+"""
 
 from __future__ import annotations
 
+import os
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -14,6 +19,9 @@ from medseg.spec import MODEL_REPOSITORY, SPEC
 ONNX = MODEL_REPOSITORY / SPEC.segmenter.name / str(SPEC.segmenter.version) / "model.onnx"
 # seeds never used in training (1000-1031), validation (2000-2002) or the export check (4242)
 UNSEEN_SEEDS = (5002, 5003, 5004)
+TEST_FLAVOR = os.environ.get("MEDSEG_TEST_FLAVOR", "cpu")
+if TEST_FLAVOR not in ("cpu", "cuda"):
+    raise pytest.UsageError(f"MEDSEG_TEST_FLAVOR must be cpu or cuda, got {TEST_FLAVOR!r}")
 
 
 def artifacts_missing() -> str | None:
@@ -24,14 +32,24 @@ def artifacts_missing() -> str | None:
 
 @pytest.fixture(scope="session")
 def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[object]:
-    """The real tritonserver (cpu flavor) on free loopback ports; readiness polled, stopped at the end."""
+    """The real tritonserver (``TEST_FLAVOR``) on free loopback ports; readiness polled, stopped at the end."""
+    from medseg.errors import ServerError
+    from medseg.flavors import cuda_memory_pool_args, require_cuda
     from medseg.server import EmbeddedServer, ServerOptions
 
     reason = artifacts_missing()
     if reason:
         pytest.fail(reason)
+    extra: list[str] = []
+    if TEST_FLAVOR == "cuda":
+        try:
+            require_cuda()
+        except ServerError as e:
+            pytest.fail(f"MEDSEG_TEST_FLAVOR=cuda: {e}")
+        extra = cuda_memory_pool_args()
     log = Path(tmp_path_factory.mktemp("server")) / "tritonserver.log"
-    with EmbeddedServer(ServerOptions(grpc_port=0, http_port=0, metrics_port=0), log_file=log) as s:
+    options = ServerOptions(flavor=TEST_FLAVOR, grpc_port=0, http_port=0, metrics_port=0, extra_args=extra)
+    with EmbeddedServer(options, log_file=log) as s:
         yield s
 
 

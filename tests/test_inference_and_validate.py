@@ -72,3 +72,22 @@ def test_bad_studies_are_refused_with_the_reason(shape, dtype, spacing, message)
 
 def test_a_study_up_to_512x512x1000_is_accepted() -> None:
     assert check_study((1000, 512, 512), np.dtype(np.int16), (1.0, 0.8, 0.8)) == (500, 273, 273)
+
+
+def test_the_reference_pipeline_with_numpy_preprocessing_agrees_with_dali() -> None:
+    """Where DALI is missing (a GPU host with only PyTorch) the reference preprocesses in numpy: same labels."""
+    from medseg.metrics import dice
+    from medseg.phantom import generate
+    from medseg.pipeline import ReferencePipeline, dali_installed
+
+    if not dali_installed():
+        pytest.skip("NVIDIA DALI not installed: nothing to compare the numpy preprocessing with")
+    ph = generate(5003, num_slices=40, slice_thickness=5.0)
+    (numpy_labels, _), (dali_labels, _) = (ReferencePipeline(preprocessing=p)(ph.ct, ph.spacing)
+                                                   for p in ("numpy", "dali"))
+    assert (dali_labels == 1).any()
+    for lab in SPEC.labels[1:]:
+        if (dali_labels == lab.value).any():
+            assert dice(numpy_labels == lab.value, dali_labels == lab.value) >= 0.99, lab.name
+    with pytest.raises(ValueError, match="preprocessing must be 'dali' or 'numpy', got 'cuda'"):
+        ReferencePipeline(preprocessing="cuda")

@@ -83,6 +83,20 @@ def test_report_states_each_target_as_measured(tmp_path: Path, served_s: float, 
     assert (tmp_path / "breakdown.png").read_bytes()[:4] == b"\x89PNG"
 
 
+def test_the_cuda_reports_targets_are_the_gpu_ones(tmp_path: Path) -> None:
+    doc = _doc(0.12, 1.5)
+    doc["flavor"] = "cuda"
+    pa = doc["rows"][0]["perf_analyzer"]
+    pa["cuda_shm"] = [{**pa["grpc"][0], "p50_ms": 140.0, "throughput": 7.0},
+                      {**pa["grpc"][0], "concurrency": 4, "p50_ms": 300.0, "throughput": 12.5}]
+    report.write(doc, tmp_path)
+    md = (tmp_path / "bench.md").read_text()
+    assert "| end to end" not in md  # the cpu flavor's targets are not the GPU's
+    rows = [line for line in md.splitlines() if line.startswith(("| p50", "| >= "))]
+    assert [r.rsplit("|", 2)[1].strip() for r in rows] == ["met", "NOT met", "met"]
+    assert "12.5 (4 in flight)" in md and "140 ms" in md and "x12.5" in md
+
+
 def test_readme_update_replaces_only_the_headline_block(tmp_path: Path) -> None:
     report.write(_doc(3.0, 30.0), tmp_path)
     readme = tmp_path / "README.md"

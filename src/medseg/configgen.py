@@ -120,7 +120,7 @@ def _python_on_gpu(model: ModelIO, kind: str, **params: str) -> dict[str, Any]:
 
 
 def cuda_flavor(kind: str = "KIND_GPU") -> dict[str, dict[str, Any]]:
-    """The cuda flavor: every step in PyTorch (CuPy for components) on the instance's GPU.
+    """The cuda flavor: every step in PyTorch on the instance's GPU.
 
     ``kind`` is KIND_GPU in the repository; a test writes the same configs with KIND_CPU to run the
     flavor's code through the real server on a machine without a GPU.

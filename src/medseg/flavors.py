@@ -38,14 +38,23 @@ def _engine(args: dict[str, Any], model: str, builders: dict[str, Callable[[dict
     engine = params.get("engine", "")
     if engine not in builders:
         raise ArtifactError(f"{model}: parameter engine must be one of {sorted(builders)}, got {engine!r}")
+    require_numpy_1()
     device = instance_device(args)
     if device.startswith("cuda"):
         require_cuda(device)
     return builders[engine](params, device)
 
 
+def require_numpy_1() -> None:
+    """Refuse to load a model under numpy 2: the python backend's stub reads arrays in numpy 1's layout,
+    so every output made from numpy would reach the client empty (seen on a GPU host with numpy 2.5)."""
+    if int(np.__version__.split(".")[0]) >= 2:
+        raise ServerError(f"numpy {np.__version__} in the model's Python: the python backend stub needs numpy<2 "
+                          "(numpy 2 outputs arrive empty); install numpy<2 where the server runs")
+
+
 def require_cuda(device: str = "cuda:0") -> None:
-    """Refuse a GPU flavor where torch sees no CUDA device (or not this one), or CuPy is missing."""
+    """Refuse a GPU flavor where torch sees no CUDA device (or not this one)."""
     import torch
 
     index = int(device.partition(":")[2] or 0)
@@ -53,11 +62,6 @@ def require_cuda(device: str = "cuda:0") -> None:
         raise ServerError(f"{device} requested but torch {torch.__version__} sees "
                             f"{torch.cuda.device_count()} CUDA device(s): the cuda flavor needs an NVIDIA GPU and "
                             "a CUDA build of PyTorch")
-    try:
-        import cupy  # noqa: F401  (connected components on the GPU)
-    except ImportError as e:
-        raise ServerError(f"the cuda flavor needs CuPy for connected components on the GPU ({e}): "
-                            "pip install 'medseg[cuda]'") from e
 
 
 def cuda_memory_pool_args(byte_size: int = 1 << 30) -> list[str]:
@@ -88,13 +92,17 @@ def preprocess_step(args: dict[str, Any]) -> Step:
         return Step(run, NUMPY, "dali", "cpu")
 
     def torch(params: dict[str, str], device: str) -> Step:
+        import torch
+
         from medseg import torch_ops
 
         def run(t: dict[str, Any]) -> dict[str, Any]:
             ct, spacing = t["CT"], t["SPACING"].cpu().numpy()
             check_study(tuple(ct.shape), str(ct.dtype).removeprefix("torch."), spacing)  # before any copy to the GPU
             image, grid = torch_ops.preprocess(ct.to(device), [float(s) for s in spacing])
-            return {"IMAGE": image, "GRID": np.asarray(grid, np.int64)}
+            # GRID goes on the device too: a host (numpy) output of a GPU instance bound for a GPU consumer
+            # reached ct_postprocess empty ("input byte size mismatch ... Expected 24, got 0") on an H200
+            return {"IMAGE": image, "GRID": torch.as_tensor(grid, dtype=torch.int64, device=image.device)}
 
         return Step(run, TorchTensors(), "torch", device)
 

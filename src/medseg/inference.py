@@ -88,6 +88,9 @@ class TorchSegmenter:
         self.device = torch.device(device)
         self._model = load_network().to(self.device)
         self._half = precision == "fp16" and self.device.type == "cuda"  # CPU convolutions stay in fp32
+        if self.device.type == "cuda":  # the same study twice gives the same labels: no autotuned or atomic kernels
+            torch.backends.cudnn.benchmark = False
+            torch.backends.cudnn.deterministic = True
 
     def run(self, batch: Any) -> Any:
         """(1, C, Z, Y, X) float32 logits of one (1, 1, Z, Y, X) batch, on the device."""

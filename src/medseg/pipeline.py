@@ -5,24 +5,46 @@ Tests compare the served ensemble with it; benchmarks use it as the no-server ba
 
 from __future__ import annotations
 
+import importlib.util
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from medseg.postprocess import postprocess
+from medseg.preprocess import preprocess_reference
 from medseg.spec import MODEL_REPOSITORY, SPEC
 from medseg.validate import check_study
 
 
-class ReferencePipeline:
-    """DALI preprocessing (CPU) -> ONNX Runtime -> postprocess, without a server."""
+def dali_installed() -> bool:
+    """Whether NVIDIA DALI can be imported here (the cpu flavor's preprocessing needs it)."""
+    try:
+        return importlib.util.find_spec("nvidia.dali") is not None
+    except ImportError:  # no ``nvidia`` namespace at all
+        return False
 
-    def __init__(self, model_repository: Path = MODEL_REPOSITORY) -> None:
-        from medseg.dali_pipeline import CpuPreprocessor
+
+class ReferencePipeline:
+    """DALI preprocessing (CPU) -> ONNX Runtime -> postprocess, without a server.
+
+    ``preprocessing="numpy"`` swaps DALI for the numpy reference it is tested against (the default where
+    DALI is not installed, e.g. a GPU test host carrying only PyTorch).
+    """
+
+    def __init__(self, model_repository: Path = MODEL_REPOSITORY, preprocessing: str | None = None) -> None:
         from medseg.inference import OnnxSegmenter
 
-        self.preprocess = CpuPreprocessor()
+        self.preprocessing = preprocessing or ("dali" if dali_installed() else "numpy")
+        if self.preprocessing == "dali":
+            from medseg.dali_pipeline import CpuPreprocessor
+
+            self.preprocess: Callable[[np.ndarray, Any], tuple[np.ndarray, tuple[int, int, int]]] = CpuPreprocessor()
+        elif self.preprocessing == "numpy":
+            self.preprocess = preprocess_reference
+        else:
+            raise ValueError(f"preprocessing must be 'dali' or 'numpy', got {preprocessing!r}")
         onnx = model_repository / SPEC.segmenter.name / str(SPEC.segmenter.version) / "model.onnx"
         self.segmenter = OnnxSegmenter(onnx)
 

@@ -1,9 +1,10 @@
 """The preprocessing and postprocessing math in PyTorch, for GPU flavors (any torch device).
 
 Same centred-grid convention as ``medseg.preprocess`` (whose coordinate functions it reuses), so a
-GPU flavor agrees with DALI and with the numpy reference; tested on the CPU against both. Connected
-components run in CuPy on a CUDA device (torch has none) and in scipy on the CPU; only the uint8
-labels leave the device, and the findings are measured from them by ``medseg.postprocess``.
+GPU flavor agrees with DALI and with the numpy reference; tested against both. Connected components
+run on a CUDA device by label propagation in PyTorch (no CuPy: its releases for CUDA 13 need numpy 2,
+which the python backend's stub cannot read) and in scipy on the CPU; only the uint8 labels leave the
+device, and the findings are measured from them by ``medseg.postprocess``.
 """
 
 from __future__ import annotations
@@ -74,33 +75,73 @@ def logits_to_labels(logits: Any, grid: Sequence[int]) -> Any:
     return logits[:, :z, :y, :x].argmax(dim=0).to(torch.uint8)
 
 
+MAX_PASSES = 4096  # propagation passes on the device before a (maze-like) mask is finished on the host
+CHECK_EVERY = 16  # passes between convergence checks (each check waits for the device)
+
+
+def _components_on_device(mask: Any, max_passes: int = MAX_PASSES) -> Any | None:
+    """26-connected component ids of a boolean tensor on its own device, by propagating the smallest voxel
+    index through 3x3x3 neighbourhoods until nothing changes: a component's id is its first voxel in raster
+    order plus one, the order scipy numbers them in. None if ``max_passes`` did not settle it (the passes
+    needed grow with a component's longest path)."""
+    import torch
+    import torch.nn.functional as F
+
+    dtype = torch.float32 if mask.numel() < 1 << 24 else torch.float64  # voxel indices held exactly
+    index = torch.arange(1, mask.numel() + 1, device=mask.device, dtype=dtype).reshape(1, 1, *mask.shape)
+    fg = mask[None, None]
+    neg = torch.where(fg, -index, torch.full_like(index, float("-inf")))  # max pooling of -id: the smallest id
+    for _ in range(0, max_passes, CHECK_EVERY):
+        before = neg
+        for _ in range(CHECK_EVERY):
+            neg = torch.where(fg, F.max_pool3d(neg, 3, stride=1, padding=1), neg)
+        if torch.equal(neg, before):
+            return torch.where(fg, -neg, torch.zeros_like(neg))[0, 0].to(torch.int64)
+    return None
+
+
 def _components(mask: Any) -> Any:
-    """26-connected component ids (int32, 0 = background) of a boolean tensor, on its own device."""
+    """26-connected component ids (int64, 0 = background, numbered in raster order of their first voxel):
+    on a CUDA device by propagation in PyTorch, with scipy on the host (CPU tensors, or a mask too
+    convoluted to settle on the device)."""
     import torch
 
     if mask.device.type == "cuda":
-        import cupy
-        from cupyx.scipy import ndimage as cundimage
-
-        with cupy.cuda.Device(mask.device.index):
-            comp, _ = cundimage.label(cupy.from_dlpack(mask.to(torch.uint8)), structure=cupy.ones((3, 3, 3), bool))
-            return torch.from_dlpack(comp.astype(cupy.int32))
+        box = _bounding_box(mask)
+        if box is None:
+            return torch.zeros(mask.shape, dtype=torch.int64, device=mask.device)
+        inner = _components_on_device(mask[box])
+        if inner is not None:
+            comp = torch.zeros(mask.shape, dtype=torch.int64, device=mask.device)
+            comp[box] = inner
+            return comp
     from scipy import ndimage
 
-    comp, _ = ndimage.label(mask.numpy(), structure=np.ones((3, 3, 3), bool))
-    return torch.from_numpy(comp.astype(np.int32))
+    comp, _ = ndimage.label(mask.cpu().numpy(), structure=np.ones((3, 3, 3), bool))
+    return torch.from_numpy(comp.astype(np.int64)).to(mask.device)
+
+
+def _bounding_box(mask: Any) -> tuple[slice, ...] | None:
+    """The smallest box holding every True voxel of a 3-D tensor (None if there is none)."""
+    box = []
+    for axis in range(3):
+        hit = mask.any(dim=tuple(a for a in range(3) if a != axis)).nonzero()
+        if hit.numel() == 0:
+            return None
+        box.append(slice(int(hit[0]), int(hit[-1]) + 1))
+    return tuple(box)
 
 
 def keep_liver_and_its_tumors(labels: Any) -> Any:
-    """Keep the largest connected organ (liver + tumor voxels), as ``medseg.postprocess`` does, on the device."""
+    """Keep the largest connected organ (liver + tumor voxels), as ``medseg.postprocess`` does, on the device
+    (a tie goes to the component met first in raster order, as there)."""
     import torch
 
     comp = _components(labels > 0)
-    sizes = torch.bincount(comp.flatten().long())
-    if sizes.numel() <= 1:
+    ids, sizes = torch.unique(comp[comp > 0], sorted=True, return_counts=True)
+    if ids.numel() == 0:
         return torch.zeros_like(labels)
-    sizes[0] = 0
-    return torch.where(comp == sizes.argmax(), labels, torch.zeros_like(labels))
+    return torch.where(comp == ids[sizes.argmax()], labels, torch.zeros_like(labels))
 
 
 def labels_on_input_grid(logits: Any, grid: Sequence[int], input_shape: Sequence[int], spacing: Sequence[float]) -> Any:

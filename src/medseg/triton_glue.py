@@ -23,6 +23,9 @@ Handler = Callable[[dict[str, Any]], dict[str, Any]]
 class NumpyTensors:
     """Inputs as numpy arrays in host memory; outputs from numpy arrays."""
 
+    def begin(self) -> None:
+        """Called before each batch of requests (nothing to do for host arrays)."""
+
     def unpack(self, tensor: Any) -> Any:
         return tensor.as_numpy()
 
@@ -32,7 +35,23 @@ class NumpyTensors:
 
 class TorchTensors(NumpyTensors):
     """Inputs as torch tensors through DLPack, on the device they arrived on (no copy); torch outputs leave
-    the same way (a GPU tensor stays on the GPU), numpy outputs (strings, host results) as numpy."""
+    the same way (a GPU tensor stays on the GPU), numpy outputs (strings, host results) as numpy.
+
+    The stub copies a GPU output after ``execute`` returns, asynchronously: were the tensor freed, torch's
+    allocator would hand its memory to the next request while the copy still reads it (seen on an H200 at
+    7 requests in flight: one study's GRID arrived holding another's SPACING). So the outputs of a batch
+    are held until the next batch begins, and the device is synchronized before they are let go.
+    """
+
+    def __init__(self) -> None:
+        self._held: list[Any] = []
+
+    def begin(self) -> None:
+        if self._held:
+            import torch
+
+            torch.cuda.synchronize()
+            self._held.clear()
 
     def unpack(self, tensor: Any) -> Any:
         import torch.utils.dlpack
@@ -44,7 +63,10 @@ class TorchTensors(NumpyTensors):
             return super().pack(pb_utils, name, value)
         import torch.utils.dlpack
 
-        return pb_utils.Tensor.from_dlpack(name, torch.utils.dlpack.to_dlpack(value[None].contiguous()))
+        out = value[None].contiguous()
+        if out.device.type == "cuda":
+            self._held.append(out)
+        return pb_utils.Tensor.from_dlpack(name, torch.utils.dlpack.to_dlpack(out))
 
 
 NUMPY = NumpyTensors()
@@ -71,6 +93,7 @@ def unbatch(tensor: Any, name: str) -> Any:
 def execute(requests: list[Any], pb_utils: Any, model: ModelIO, handler: Handler,
             tensors: NumpyTensors = NUMPY) -> list[Any]:
     """Run ``handler`` on each request's unbatched inputs; one response per request, errors included."""
+    tensors.begin()
     responses = []
     for request in requests:
         try:

@@ -1,5 +1,5 @@
 """ct_postprocess: labels back on the study's grid, the largest organ kept, findings (JSON); in numpy on the
-CPU (cpu flavor) or in PyTorch + CuPy on the GPU (cuda flavor, GPU production); see ``medseg.flavors``."""
+CPU (cpu flavor) or in PyTorch on the GPU (cuda flavor, GPU production); see ``medseg.flavors``."""
 
 import triton_python_backend_utils as pb_utils
 
