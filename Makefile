@@ -5,7 +5,7 @@ STAMP := .venv/.installed-stamp
 ONNX := model_repository/ct_segmenter/1/model.onnx
 WEIGHTS := export/weights/ct_liver_unet.fp16.pt export/weights/manifest.json
 
-.PHONY: venv sysdeps perf-tools artifacts configs demo test test-unit test-server test-slow lint bench bench-full weights clean
+.PHONY: venv sysdeps perf-tools artifacts configs demo test test-unit test-server test-slow soak lint bench bench-full weights clean
 
 # Debian tools the tests use as oracles: dciodvfy validates every DICOM object we write,
 # dcmtk's dcmcjpeg makes JPEG-lossless series (no Python encoder exists), dcm2niix is the geometry oracle
@@ -61,6 +61,10 @@ test-server: $(STAMP) $(ONNX) sysdeps $(PERF_ANALYZER)
 
 test-slow: $(STAMP) $(ONNX)
 	$(PY) -m pytest -m slow -o addopts="-ra"
+
+# 30 minutes at 70% of the measured capacity (cpu flavor); figures to perf/results/soak/
+soak: $(STAMP) $(ONNX)
+	$(PY) -m perf.soak
 
 # the short benchmark (< 10 min on 2 cores); `make bench-full` sweeps sizes, concurrency and instances
 bench: $(STAMP) $(ONNX) sysdeps $(PERF_ANALYZER)

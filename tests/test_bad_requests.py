@@ -6,7 +6,6 @@ from __future__ import annotations
 import math
 from collections import Counter
 from collections.abc import Callable
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -107,27 +106,17 @@ def _request(inputs: list[Raw]) -> Any:
     return req
 
 
-def _rss_mb(pids: list[int]) -> float:
-    total = 0.0
-    for pid in pids:
-        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-            if line.startswith("VmRSS:"):
-                total += int(line.split()[1]) / 1024
-    return total
-
-
 def test_500_mutated_requests_are_each_refused_and_the_server_stays_up(server: Any) -> None:
     import grpc
     from tritonclient.grpc import service_pb2, service_pb2_grpc
 
     assert server._proc is not None
-    pids = [server._proc.pid, *server.model_processes()]
     channel = grpc.insecure_channel(server.grpc_url, options=[("grpc.max_send_message_length", -1),
                                                               ("grpc.max_receive_message_length", -1)])
     stub = service_pb2_grpc.GRPCInferenceServiceStub(channel)
     rng = np.random.default_rng(7)
     stub.ModelInfer(_request(_valid(rng)), timeout=120)  # the valid request this fuzz mutates is served
-    rss_before = _rss_mb(pids)
+    rss_before = server.resident_mb()
     outcomes: Counter[str] = Counter()
     names = sorted(MUTATIONS)
     for i in range(500):
@@ -146,7 +135,7 @@ def test_500_mutated_requests_are_each_refused_and_the_server_stays_up(server: A
     assert stub.ServerLive(service_pb2.ServerLiveRequest()).live
     assert stub.ServerReady(service_pb2.ServerReadyRequest()).ready
     stub.ModelInfer(_request(_valid(rng)), timeout=120)  # and still serves
-    growth = _rss_mb([server._proc.pid, *server.model_processes()]) - rss_before
+    growth = server.resident_mb() - rss_before
     print(f"500 refused ({dict(outcomes)}); resident memory growth {growth:.0f} MB")
     assert growth < 300, f"server memory grew by {growth:.0f} MB over 500 refused requests"
     channel.close()

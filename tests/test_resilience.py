@@ -1,9 +1,21 @@
 """Client resilience: retries happen only for a server that is unreachable, too slow or still loading
-its models, never for a refused study or a server-side failure. (The batch under repeated server
-kills is still to come: issue 7.)"""
+its models, never for a refused study or a server-side failure; a batch of studies survives the
+server being killed 20 times under it, `medseg serve` restarting it each time."""
 
 from __future__ import annotations
 
+import itertools
+import os
+import random
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
 import pytest
 
 from medseg.errors import MedsegError, StudyError
@@ -23,3 +35,127 @@ def test_only_an_unreachable_slow_or_loading_server_is_retried(status: str, mess
         _raise_from(InferenceServerException(message, status=status), "segmenting")
     assert isinstance(e.value, ServerUnavailableError) == retried
     assert isinstance(e.value, StudyError) == (status == "StatusCode.INVALID_ARGUMENT")
+
+
+@pytest.mark.server
+@pytest.mark.parametrize("shared_memory", [False, True], ids=["grpc", "shared-memory"])
+def test_a_cancelled_study_stops_at_once_leaves_nothing_and_the_next_is_served(server: Any, shared_memory: bool) -> None:
+    import tritonclient.grpc as grpcclient
+    from medseg_client.client import CancelledError, SegmentationClient
+
+    from medseg.phantom import generate
+
+    big = generate(5004, num_slices=240, slice_thickness=1.25)  # seconds of work on this machine
+    small = generate(5002, num_slices=20, slice_thickness=5.0)
+    cancel = threading.Event()
+    with SegmentationClient(server.grpc_url, shared_memory=shared_memory) as client:
+        timer = threading.Timer(0.8, cancel.set)
+        timer.start()
+        t0 = time.monotonic()
+        with pytest.raises(CancelledError, match="cancelled by the caller"):
+            client.segment(big.ct, big.spacing, cancel=cancel)
+        waited = time.monotonic() - t0
+        with pytest.raises(CancelledError):  # an event already set: nothing is sent
+            client.segment(small.ct, small.spacing, cancel=cancel)
+        assert client.segment(small.ct, small.spacing).labels.shape == small.ct.shape
+        # Triton refuses to unregister a region the cancelled request still uses: the client lets go later
+        status = grpcclient.InferenceServerClient(server.grpc_url)
+        deadline = time.monotonic() + 60
+        while (mine := [n for n in status.get_system_shared_memory_status(as_json=True).get("regions", {})
+                        if n.startswith(f"medseg-{os.getpid()}-")]) and time.monotonic() < deadline:
+            time.sleep(0.5)
+    assert waited < 2.0, f"cancelling took {waited:.1f} s"
+    assert mine == [], "the client's regions must be unregistered"
+    assert not list(Path("/dev/shm").glob(f"medseg-{os.getpid()}-*"))
+    assert server.ready()
+
+
+def _server_pid(serve_pid: int) -> int | None:
+    from medseg.server import child_processes
+
+    return next((pid for pid, name in child_processes(serve_pid) if name.startswith("tritonserver")), None)
+
+
+@pytest.mark.server
+@pytest.mark.timeout(900)
+def test_a_batch_survives_20_server_kills_every_study_ending_once_right_or_with_a_clear_error() -> None:
+    """`medseg serve` on fixed ports; a killer SIGKILLs its tritonserver (with the model processes) 20 times,
+    each a moment into a study, while one client segments studies in a loop."""
+    from medseg_client.client import SegmentationClient
+
+    from medseg.errors import MedsegError
+    from medseg.phantom import generate
+    from medseg.server import free_port
+
+    kills_wanted, min_studies = 20, 30
+    port = free_port()
+    url = f"127.0.0.1:{port}"
+    serve = subprocess.Popen([sys.executable, "-m", "medseg_client.cli", "serve", "--grpc-port", str(port),
+                              "--metrics-port", str(free_port())], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    lines: list[str] = []
+    assert serve.stdout is not None
+    reader = threading.Thread(target=lambda: lines.extend(iter(serve.stdout.readline, "")), daemon=True)  # type: ignore[union-attr]
+    reader.start()
+    studies = [generate(seed, num_slices=n, slice_thickness=5.0) for seed, n in ((5002, 20), (5003, 26), (5004, 32))]
+    kills: list[float] = []
+    stop = threading.Event()
+
+    outcomes: list[tuple[int, str, object]] = []  # (study, "result" | "error", labels | message), one per submission
+
+    def killer() -> None:
+        """Each kill a moment into a study, after the restarted server has finished one: kills spread over studies."""
+        rng = random.Random(7)
+        while len(kills) < kills_wanted and not stop.is_set():
+            seen = len(outcomes)
+            while len(outcomes) == seen and not stop.is_set():  # the server is back and has served a study
+                time.sleep(0.02)
+            time.sleep(rng.uniform(0.05, 0.4))  # the client sent the next study at once: it is in flight now
+            pid = _server_pid(serve.pid)
+            if pid is not None:
+                os.killpg(pid, signal.SIGKILL)
+                kills.append(time.monotonic())
+                while _server_pid(serve.pid) == pid and not stop.is_set():  # until serve has reaped it
+                    time.sleep(0.02)
+
+    try:
+        with SegmentationClient(url, timeout_s=60, retries=12, backoff_s=0.25) as client:
+            client.wait_until_ready(120)
+            alone = [client.segment(ph.ct, ph.spacing).labels for ph in studies]
+            thread = threading.Thread(target=killer, daemon=True)
+            thread.start()
+            t0 = time.monotonic()
+            for n in itertools.count():
+                if n >= min_studies and (len(kills) >= kills_wanted or time.monotonic() - t0 > 600):
+                    break
+                i = n % len(studies)
+                try:
+                    result = client.segment(studies[i].ct, studies[i].spacing)
+                    outcomes.append((i, "result", (result.labels, result.attempts)))
+                except MedsegError as e:
+                    outcomes.append((i, "error", str(e)))
+            stop.set()
+            thread.join(30)
+    finally:
+        stop.set()
+        serve.send_signal(signal.SIGTERM)
+        serve.wait(60)
+        reader.join(10)
+    results = [(i, v) for i, kind, v in outcomes if kind == "result"]
+    errors = [str(v) for _, kind, v in outcomes if kind == "error"]
+    wrong = [i for i, (labels, _) in results if not np.array_equal(labels, alone[i])]  # type: ignore[misc]
+    retried = sum(1 for _, (_, attempts) in results if attempts > 1)  # type: ignore[misc]
+    extra_attempts = sum(attempts - 1 for _, (_, attempts) in results)  # type: ignore[misc]
+    restarts = sum("restarting" in line or "failed to start" in line for line in lines)
+    print(f"{len(outcomes)} studies, {len(kills)} kills, {restarts} restarts by medseg serve: {len(results)} results "
+          f"({retried} after retries, {extra_attempts} retries in all), {len(errors)} errors, "
+          f"{len(wrong)} wrong; errors: {errors[:3]}")
+    assert len(kills) == kills_wanted, f"only {len(kills)} kills happened"
+    assert restarts >= kills_wanted, "".join(lines[-30:])
+    assert wrong == [], "a result that differs from the study's own labels"
+    assert len(outcomes) >= min_studies and {i for i, _, _ in outcomes} == set(range(len(studies)))
+    assert all(url in e for e in errors), errors  # a clear error names the server it could not use
+    assert len(errors) <= len(outcomes) // 5, errors
+    assert retried >= kills_wanted // 2, "the kills must have hit requests in flight"
+    assert outcomes[-1][1] == "result", "the server must be serving again at the end"
+    leaked = [p.name for p in Path("/dev/shm").glob(f"medseg_{serve.pid}_*")]
+    assert leaked == [], f"shared memory of killed servers left behind: {leaked}"

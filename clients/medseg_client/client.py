@@ -16,6 +16,7 @@ import hashlib
 import json
 import os
 import random
+import threading
 import time
 import uuid
 from collections.abc import Iterator
@@ -34,6 +35,10 @@ from medseg.validate import check_study
 
 class ModelMismatchError(MedsegError):
     """The server's model does not have the inputs and outputs the spec says it has."""
+
+
+class CancelledError(MedsegError):
+    """The caller cancelled the study (its ``cancel`` event was set): never retried, nothing returned."""
 
 
 class ServerUnavailableError(ServerError):
@@ -168,28 +173,57 @@ class SegmentationClient:
         self._checked = True
         return dict(meta)
 
-    def segment(self, ct: np.ndarray, spacing: tuple[float, float, float]) -> SegmentationResult:
+    def segment(self, ct: np.ndarray, spacing: tuple[float, float, float],
+                cancel: threading.Event | None = None) -> SegmentationResult:
         """Segment one (z, y, x) int16 HU volume with its (z, y, x) spacing in mm.
 
         A server that is unreachable, too slow or still loading is retried up to ``retries`` times with full-jitter
         exponential backoff, every attempt carrying the study's key as its request id; a refused study
-        (INVALID_ARGUMENT) or a server-side failure is never retried. One call, one result or one error.
+        (INVALID_ARGUMENT) or a server-side failure is never retried. Setting ``cancel`` (from any thread)
+        cancels the request in flight and raises CancelledError. One call, one result or one error.
         """
         check_study(ct.shape, ct.dtype, spacing)
         key = study_key(ct, spacing)
+        cancel = cancel or threading.Event()
         for attempt in range(self.retries + 1):
             try:
-                result = self._segment_once(ct, spacing, key)
+                result = self._segment_once(ct, spacing, key, cancel)
                 result.attempts = attempt + 1
                 return result
             except ServerUnavailableError as e:
                 if attempt == self.retries:
                     raise ServerUnavailableError(f"{e} (gave up after {attempt + 1} attempts)") from e
-                time.sleep(random.uniform(0.0, self.backoff_s * 2**attempt))
+                if cancel.wait(random.uniform(0.0, self.backoff_s * 2**attempt)):
+                    raise CancelledError(f"{self.url}: segmenting cancelled by the caller (waiting to retry)") from e
                 self._checked = False  # a server that came back may serve another model: check it again
         raise AssertionError("unreachable")
 
-    def _segment_once(self, ct: np.ndarray, spacing: tuple[float, float, float], key: str) -> SegmentationResult:
+    def _infer(self, inputs: list[Any], outputs: list[Any], key: str, cancel: threading.Event) -> Any:
+        """One inference request that ``cancel`` (or Ctrl-C) cancels on the wire; its response."""
+        if cancel.is_set():
+            raise CancelledError(f"{self.url}: segmenting cancelled by the caller")
+        done = threading.Event()
+        box: dict[str, Any] = {}
+
+        def callback(result: Any, error: Any) -> None:
+            box["result"], box["error"] = result, error
+            done.set()
+
+        call = self._client.async_infer(self.model_name, inputs, callback, outputs=outputs, request_id=key,
+                                        client_timeout=self.timeout_s, headers=self._headers)
+        try:
+            while not done.wait(0.05):
+                if cancel.is_set():
+                    raise CancelledError(f"{self.url}: segmenting cancelled by the caller")
+        except BaseException:  # cancelled, or interrupted (Ctrl-C): the server is told too
+            call.cancel()
+            raise
+        if box["error"] is not None:
+            raise box["error"]
+        return box["result"]
+
+    def _segment_once(self, ct: np.ndarray, spacing: tuple[float, float, float], key: str,
+                      cancel: threading.Event) -> SegmentationResult:
         if not self._checked:
             self.check_model()
         g = self._grpc
@@ -213,18 +247,21 @@ class SegmentationClient:
             before = self._model_stats()
             t0 = time.perf_counter()
             try:
-                response = self._client.infer(self.model_name, inputs, outputs=outputs, request_id=key,
-                                               client_timeout=self.timeout_s, headers=self._headers)
+                response = self._infer(inputs, outputs, key, cancel)
             except Exception as e:
                 _raise_from(e, f"{self.url}: segmenting")
             elapsed = time.perf_counter() - t0
-            if self.shared_memory:
-                labels = shm.get_contents_as_numpy(regions["out"][0], np.uint8, list(volume.shape))[0].copy()
-            else:
-                labels = response.as_numpy(labels_t.name)[0]
+            try:
+                if self.shared_memory:
+                    labels = shm.get_contents_as_numpy(regions["out"][0], np.uint8, list(volume.shape))[0].copy()
+                else:
+                    labels = response.as_numpy(labels_t.name)[0]
+                findings = json.loads(response.as_numpy(findings_t.name).reshape(-1)[0])
+            except (ValueError, TypeError, IndexError) as e:  # e.g. an output that came back empty
+                raise ServerError(f"{self.url}: the server's response is incomplete or malformed ({e}); "
+                                  "nothing was kept") from e
         if labels.shape != ct.shape:
             raise ServerError(f"server returned labels of shape {labels.shape} for a study of shape {ct.shape}")
-        findings = json.loads(response.as_numpy(findings_t.name).reshape(-1)[0])
         timings = {"request_s": round(elapsed, 3)}
         timings.update(self._stage_times(before, self._model_stats()))
         return SegmentationResult(labels, findings, timings)
@@ -246,12 +283,32 @@ class SegmentationClient:
                     _raise_from(e, f"{self.url}: registering shared memory (is the client on the server's host?)")
             yield made
         finally:
+            left = []
             for handle, name in made.values():
                 try:
                     self._client.unregister_system_shared_memory(name, headers=self._headers)
-                except Exception:  # the server may be gone; the local region is still removed
+                except Exception:  # gone, or the region is still in use by a cancelled request
+                    left.append(name)
+                shm.destroy_shared_memory_region(handle)  # the server's own mapping outlives the name
+            if left:
+                threading.Thread(target=self._unregister_later, args=(left,), daemon=True).start()
+
+    def _unregister_later(self, names: list[str], every_s: float = 0.5) -> None:
+        """Unregister regions the server still uses (a cancelled request runs on): Triton refuses to
+        unregister a region in use, so try again until it lets go, the server is gone, or the deadline."""
+        deadline = time.monotonic() + self.timeout_s
+        while names and time.monotonic() < deadline:
+            time.sleep(every_s)
+            try:
+                registered = self._client.get_system_shared_memory_status(headers=self._headers, as_json=True)
+            except Exception:  # the server is gone: its registrations went with it
+                return
+            names = [n for n in names if n in registered.get("regions", {})]
+            for name in names:
+                try:
+                    self._client.unregister_system_shared_memory(name, headers=self._headers)
+                except Exception:
                     pass
-                shm.destroy_shared_memory_region(handle)
 
     def _model_stats(self) -> dict[str, float]:
         """Cumulative queue + compute nanoseconds of each model; {} where statistics are closed to us."""

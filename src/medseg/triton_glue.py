@@ -96,6 +96,10 @@ def execute(requests: list[Any], pb_utils: Any, model: ModelIO, handler: Handler
     tensors.begin()
     responses = []
     for request in requests:
+        if request.is_cancelled():  # the client gave up on this study: no work for it
+            responses.append(pb_utils.InferenceResponse(error=pb_utils.TritonError(
+                f"{model.name}: the request was cancelled", pb_utils.TritonError.CANCELLED)))
+            continue
         try:
             inputs = {}
             for spec in model.inputs:
