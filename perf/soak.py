@@ -5,9 +5,9 @@
 First the capacity is measured on this machine (volumes/s of the soak study with as many requests in
 flight as there are cores), then studies arrive at ``load`` x capacity, evenly spaced (open loop: a
 late answer does not slow the arrivals), for ``minutes``. Recorded: every request's latency and outcome,
-and the resident memory of the server with its model processes every 10 s. Figures: errors, memory
-growth from the end of the first window to the end, and the drift of p99 latency between the first and
-the last window. Written to ``<out>/``: soak.json, soak.md and soak.png.
+and the resident memory of the server with its model processes every 10 s. Figures: errors, the growth of
+memory between the first and the last window (their medians: a study in flight swings it by its
+buffers), and the drift of p99 latency between the same windows. Written to ``<out>/``: soak.json, soak.md and soak.png.
 """
 
 from __future__ import annotations
@@ -118,14 +118,17 @@ def figures(doc: dict[str, Any]) -> dict[str, Any]:
     span = max(r["t"] for r in reqs)
     first = [r["latency_s"] for r in reqs if r["t"] < window and r["ok"]]
     last = [r["latency_s"] for r in reqs if r["t"] >= span - window and r["ok"]]
+    # resident memory swings by a study's buffers while one is in flight: compare the windows' medians
     mem = doc["memory_mb"]
-    base = next((m for t, m in mem if t >= window), mem[0][1])
+    end = mem[-1][0]
+    first_mb = statistics.median(m for t, m in mem if t < window)
+    last_mb = statistics.median(m for t, m in mem if t >= end - window)
     return {"requests": len(reqs), "errors": sum(not r["ok"] for r in reqs),
             "p50_s": round(statistics.median(r["latency_s"] for r in reqs), 3),
             "p99_first_s": round(p99(first), 3), "p99_last_s": round(p99(last), 3),
             "p99_drift": round(p99(last) / p99(first) - 1.0, 3),
-            "rss_after_first_window_mb": base, "rss_end_mb": mem[-1][1], "rss_growth_mb": round(mem[-1][1] - base, 1),
-            "rss_peak_mb": max(m for _, m in mem)}
+            "rss_first_window_mb": round(first_mb, 1), "rss_last_window_mb": round(last_mb, 1),
+            "rss_growth_mb": round(last_mb - first_mb, 1), "rss_peak_mb": max(m for _, m in mem)}
 
 
 def verdicts(fig: dict[str, Any]) -> dict[str, bool]:
@@ -153,9 +156,9 @@ def write(doc: dict[str, Any], out: Path) -> list[Path]:
              f"| requests | {fig['requests']} |", f"| errors | {fig['errors']} |", f"| p50 latency | {fig['p50_s']:.2f} s |",
              f"| p99 latency, first window | {fig['p99_first_s']:.2f} s |",
              f"| p99 latency, last window | {fig['p99_last_s']:.2f} s |", f"| p99 drift | {fig['p99_drift']:+.1%} |",
-             f"| resident memory (server + model processes) after the first window | {fig['rss_after_first_window_mb']:.0f} MB |",
-             f"| resident memory at the end | {fig['rss_end_mb']:.0f} MB (growth {fig['rss_growth_mb']:+.0f} MB, "
-             f"peak {fig['rss_peak_mb']:.0f} MB) |", "",
+             f"| resident memory (server + model processes), median of the first window | {fig['rss_first_window_mb']:.0f} MB |",
+             f"| the same, last window | {fig['rss_last_window_mb']:.0f} MB (growth {fig['rss_growth_mb']:+.0f} MB; "
+             f"peak {fig['rss_peak_mb']:.0f} MB while a study was in flight) |", "",
              "| limit | held |", "|---|---|", *[f"| {k} | {'yes' if v else 'NO'} |" for k, v in held.items()], ""]
     (out / "soak.md").write_text("\n".join(lines))
     f, (a, b) = plt.subplots(2, 1, figsize=(8, 6), sharex=True)

@@ -159,3 +159,24 @@ def test_a_batch_survives_20_server_kills_every_study_ending_once_right_or_with_
     assert outcomes[-1][1] == "result", "the server must be serving again at the end"
     leaked = [p.name for p in Path("/dev/shm").glob(f"medseg_{serve.pid}_*")]
     assert leaked == [], f"shared memory of killed servers left behind: {leaked}"
+
+
+def test_a_server_that_never_answers_ends_in_a_clear_error_within_the_deadlines() -> None:
+    """Every call has a deadline: a listener that accepts and never speaks cannot hang the client."""
+    import socket
+
+    from medseg_client.client import SegmentationClient, ServerUnavailableError
+
+    from medseg.phantom import generate
+
+    ph = generate(5002, num_slices=8, slice_thickness=5.0)
+    with socket.socket() as silent:
+        silent.bind(("127.0.0.1", 0))
+        silent.listen(8)
+        url = f"127.0.0.1:{silent.getsockname()[1]}"
+        with SegmentationClient(url, timeout_s=1.0, retries=2, backoff_s=0.1) as client:
+            t0 = time.monotonic()
+            with pytest.raises(ServerUnavailableError, match=rf"{url}.*gave up after 3 attempts"):
+                client.segment(ph.ct, ph.spacing)
+            waited = time.monotonic() - t0
+    assert waited < 10.0, f"{waited:.1f} s"

@@ -17,7 +17,7 @@ def _doc(latency_first: float, latency_last: float, rss_end: float, errors: int 
              "latency_s": latency_first if t < 600 else latency_last} for t in range(0, 1800, 2)]
     for r in reqs[:errors]:
         r["ok"], r["error"] = False, "segmenting: server unavailable"
-    memory = [(float(t), 1000.0 if t <= 600 else rss_end) for t in range(0, 1810, 10)]
+    memory = [(float(t), 1000.0 if t < 900 else rss_end) for t in range(0, 1810, 10)]
     return {"requests": reqs, "memory_mb": memory, "window_s": 300.0, "capacity_per_s": 1.0, "rate_per_s": 0.7,
             "minutes": 30.0, "load": 0.7, "machine": "2core-test", "date": "2026-11-24"}
 

@@ -37,6 +37,9 @@ class ModelMismatchError(MedsegError):
     """The server's model does not have the inputs and outputs the spec says it has."""
 
 
+CONTROL_TIMEOUT_S = 10.0  # deadline of every call that is not an inference (metadata, shared memory, statistics)
+
+
 class CancelledError(MedsegError):
     """The caller cancelled the study (its ``cancel`` event was set): never retried, nothing returned."""
 
@@ -129,6 +132,7 @@ class SegmentationClient:
         self.timeout_s = timeout_s
         self.shared_memory = shared_memory
         self.retries, self.backoff_s = retries, backoff_s  # for ServerUnavailableError only
+        self._control_s = min(CONTROL_TIMEOUT_S, timeout_s)
         # behind a medseg gateway every call carries the tenant's key; the admin key opens shared-memory
         # registration and statistics on a hardened server (neither is ever logged)
         headers = {KEY_HEADER: tenant_key, ADMIN_GRPC_HEADER: admin_key}
@@ -148,7 +152,8 @@ class SegmentationClient:
         while time.monotonic() < deadline:
             try:
                 h = self._headers
-                if self._client.is_server_ready(headers=h) and self._client.is_model_ready(self.model_name, headers=h):
+                if self._client.is_server_ready(headers=h, client_timeout=2.0) and self._client.is_model_ready(
+                        self.model_name, headers=h, client_timeout=2.0):
                     return
                 last = "not ready"
             except Exception as e:
@@ -159,7 +164,8 @@ class SegmentationClient:
     def check_model(self, expected: ModelIO = SPEC.ensemble) -> dict[str, Any]:
         """Compare the served model's inputs and outputs with the spec; return its metadata."""
         try:
-            meta = self._client.get_model_metadata(self.model_name, headers=self._headers, as_json=True)
+            meta = self._client.get_model_metadata(self.model_name, headers=self._headers, as_json=True,
+                                                   client_timeout=self._control_s)
         except Exception as e:
             _raise_from(e, f"{self.url}: model metadata")
         for kind, tensors in (("inputs", expected.inputs), ("outputs", expected.outputs)):
@@ -278,7 +284,8 @@ class SegmentationClient:
                 name = f"{tag}-{role}"
                 made[role] = (shm.create_shared_memory_region(name, f"/{name}", size), name)
                 try:
-                    self._client.register_system_shared_memory(name, f"/{name}", size, headers=self._headers)
+                    self._client.register_system_shared_memory(name, f"/{name}", size, headers=self._headers,
+                                                               client_timeout=self._control_s)
                 except Exception as e:
                     _raise_from(e, f"{self.url}: registering shared memory (is the client on the server's host?)")
             yield made
@@ -286,7 +293,7 @@ class SegmentationClient:
             left = []
             for handle, name in made.values():
                 try:
-                    self._client.unregister_system_shared_memory(name, headers=self._headers)
+                    self._client.unregister_system_shared_memory(name, headers=self._headers, client_timeout=self._control_s)
                 except Exception:  # gone, or the region is still in use by a cancelled request
                     left.append(name)
                 shm.destroy_shared_memory_region(handle)  # the server's own mapping outlives the name
@@ -300,20 +307,22 @@ class SegmentationClient:
         while names and time.monotonic() < deadline:
             time.sleep(every_s)
             try:
-                registered = self._client.get_system_shared_memory_status(headers=self._headers, as_json=True)
+                registered = self._client.get_system_shared_memory_status(headers=self._headers, as_json=True,
+                                                                         client_timeout=self._control_s)
             except Exception:  # the server is gone: its registrations went with it
                 return
             names = [n for n in names if n in registered.get("regions", {})]
             for name in names:
                 try:
-                    self._client.unregister_system_shared_memory(name, headers=self._headers)
+                    self._client.unregister_system_shared_memory(name, headers=self._headers, client_timeout=self._control_s)
                 except Exception:
                     pass
 
     def _model_stats(self) -> dict[str, float]:
         """Cumulative queue + compute nanoseconds of each model; {} where statistics are closed to us."""
         try:
-            stats = self._client.get_inference_statistics(headers=self._headers, as_json=True)
+            stats = self._client.get_inference_statistics(headers=self._headers, as_json=True,
+                                                           client_timeout=self._control_s)
         except Exception:
             return {}
         return {name: sum(s[k] for k in STAT_STEPS) for name, s in model_statistics(stats).items()}

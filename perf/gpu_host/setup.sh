@@ -1,4 +1,5 @@
 # Source on a bare GPU host (PyTorch only; repository root) to run the cuda flavor there: installs what it lacks.
+# It changes that Python environment (numpy 1.26 in place of numpy 2, a .pth, the server): use a disposable host or venv.
 export PYTHONUNBUFFERED=1
 G=$PWD/.gpu  # staged by perf/gpu_host/stage.sh
 SITE=$(python3 -c 'import sysconfig;print(sysconfig.get_paths()["purelib"])')
@@ -16,10 +17,10 @@ fi
 export PYTHONPATH=/tmp/site:$PWD/src:$PWD/clients:$PWD
 M=model_repository/ct_segmenter/1
 [ -e $M/model.onnx ] || xz -dc "$G/model.onnx.xz" > $M/model.onnx
-cp --update=none "$G/provenance.json" $M/provenance.json
+[ -e $M/provenance.json ] || cp "$G/provenance.json" $M/provenance.json
 mkdir -p .perf_tools/bin /tmp/gpulib
 [ -x .perf_tools/bin/perf_analyzer ] || { xz -dc "$G/perf_analyzer.xz" > .perf_tools/bin/perf_analyzer; chmod +x .perf_tools/bin/perf_analyzer; }
-cp --update=none "$G/libb64.so.0d" /tmp/gpulib/
+[ -e /tmp/gpulib/libb64.so.0d ] || cp "$G/libb64.so.0d" /tmp/gpulib/
 CUDART=$(ls "$SITE"/nvidia_pytriton.libs/libcudart-*.so.12* | head -1)
 ln -sf "$CUDART" /tmp/gpulib/libcudart.so.12
 LIBPY=$(find / -xdev -name 'libpython3.12.so.1.0' 2>/dev/null | head -1)
