@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
 import statistics
 import threading
 import time
@@ -62,8 +63,6 @@ def capacity(url: str, ph: Any, in_flight: int, seconds: float = 40.0) -> float:
 
 def soak(server: EmbeddedServer, minutes: float, load: float, window_s: float) -> dict[str, Any]:
     """Hold the server at ``load`` x its capacity for ``minutes``; every request's figures and the memory samples."""
-    import os
-
     ph = generate(SEED, num_slices=SLICES, slice_thickness=SLICE_MM)
     with SegmentationClient(server.grpc_url) as client:
         reference = client.segment(ph.ct, ph.spacing).labels  # warm-up, and what every answer must equal
@@ -74,10 +73,12 @@ def soak(server: EmbeddedServer, minutes: float, load: float, window_s: float) -
     requests: list[dict[str, Any]] = []
     memory: list[tuple[float, float]] = []
     local = threading.local()
+    clients: list[SegmentationClient] = []  # one per worker thread, closed at the end
 
     def one(sent: float) -> None:
         if not hasattr(local, "client"):
             local.client = SegmentationClient(server.grpc_url, timeout_s=120)
+            clients.append(local.client)
         t0 = time.monotonic()
         record: dict[str, Any] = {"t": round(t0 - start, 3), "late_s": round(t0 - sent, 3)}
         try:
@@ -107,6 +108,8 @@ def soak(server: EmbeddedServer, minutes: float, load: float, window_s: float) -
             time.sleep(min(due, next_sample) - now)
         for f in futures:
             f.result()
+    for c in clients:
+        c.close()
     memory.append((round(time.monotonic() - start, 1), round(server.resident_mb(), 1)))
     return {"capacity_per_s": round(cap, 3), "rate_per_s": round(rate, 3), "requests": requests, "memory_mb": memory,
             "window_s": window_s}

@@ -24,6 +24,25 @@ if TEST_FLAVOR not in ("cpu", "cuda"):
     raise pytest.UsageError(f"MEDSEG_TEST_FLAVOR must be cpu or cuda, got {TEST_FLAVOR!r}")
 
 
+CUDA_REASON = "needs an NVIDIA GPU and a CUDA build of PyTorch (none here)"
+
+
+def cuda_available() -> bool:
+    """Whether torch sees a CUDA GPU here: the gpu-marked tests run only then."""
+    try:
+        import torch
+    except ImportError:
+        return False
+    return bool(torch.cuda.is_available())
+
+
+def tritonserver_pid(serve_pid: int) -> int | None:
+    """The tritonserver that a `medseg serve` process runs right now (None between a crash and its restart)."""
+    from medseg.server import child_processes
+
+    return next((pid for pid, name in child_processes(serve_pid) if name.startswith("tritonserver")), None)
+
+
 def artifacts_missing() -> str | None:
     if not ONNX.exists() or not provenance_path(MODEL_REPOSITORY).exists():
         return "model artifacts not built: run `make artifacts`"

@@ -22,17 +22,7 @@ from medseg.phantom import generate
 from medseg.pipeline import dali_installed
 from medseg.preprocess import preprocess_reference
 from medseg.spec import MODEL_REPOSITORY, SPEC
-from tests.conftest import TEST_FLAVOR, UNSEEN_SEEDS, artifacts_missing
-
-CUDA_REASON = "needs an NVIDIA GPU with a CUDA build of PyTorch (none here)"
-
-
-def _has_cuda() -> bool:
-    try:
-        flavors.require_cuda()
-    except ServerError:
-        return False
-    return True
+from tests.conftest import CUDA_REASON, TEST_FLAVOR, UNSEEN_SEEDS, artifacts_missing, cuda_available
 
 
 def _args(model: str, flavor: str, kind: str = "CPU") -> dict[str, Any]:
@@ -71,7 +61,7 @@ def test_a_model_refuses_to_load_under_numpy_2_and_says_why(monkeypatch: pytest.
         flavors.preprocess_step(_args(SPEC.preprocess.name, "cuda"))
 
 
-@pytest.mark.skipif(_has_cuda(), reason="this machine has a GPU: the refusal cannot be shown")
+@pytest.mark.skipif(cuda_available(), reason="this machine has a GPU: the refusal cannot be shown")
 def test_a_gpu_instance_without_a_gpu_is_refused_with_the_reason() -> None:
     with pytest.raises(ServerError, match="CUDA device"):
         flavors.preprocess_step(_args(SPEC.preprocess.name, "cuda", kind="GPU"))
@@ -131,7 +121,7 @@ def test_torch_segmenter_and_postprocess_steps_agree_with_the_cpu_flavor(study: 
 def cuda_server(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Any]:
     from medseg.server import EmbeddedServer, ServerOptions
 
-    if request.param == "KIND_GPU" and not _has_cuda():
+    if request.param == "KIND_GPU" and not cuda_available():
         pytest.skip(CUDA_REASON)
     reason = artifacts_missing()
     if reason:

@@ -18,6 +18,7 @@ import pytest
 
 from medseg.server import ADMIN_GRPC_HEADER, EmbeddedServer, ServerOptions, Tls, child_processes, free_port
 from medseg.spec import SPEC
+from tests.conftest import tritonserver_pid
 
 pytestmark = pytest.mark.server
 
@@ -151,7 +152,8 @@ def test_a_crashed_model_process_fails_its_request_fast_and_serve_restarts_the_s
             worker = threading.Thread(target=request)
             worker.start()
             time.sleep(1.5)  # the study is in the ensemble now
-            server_pid = next(p for p, _ in child_processes(proc.pid) if "tritonserver" in _cmdline(p))
+            server_pid = tritonserver_pid(proc.pid)
+            assert server_pid is not None
             segmenter = next(p for p, _ in child_processes(server_pid) if "ct_segmenter" in _cmdline(p))
             os.kill(segmenter, signal.SIGKILL)
             worker.join(60)

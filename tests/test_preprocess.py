@@ -7,6 +7,7 @@ import pytest
 
 from medseg.preprocess import preprocess_reference, source_coordinates, target_indices, window
 from medseg.spec import SPEC
+from tests.conftest import cuda_available
 
 
 def test_window_maps_its_bounds_to_0_and_1_and_clips_outside() -> None:
@@ -74,17 +75,8 @@ def test_the_shared_graph_serializes_with_inputs_named_as_in_the_config(tmp_path
         assert t.name.encode() in blob
 
 
-def _cuda_available() -> bool:
-    try:
-        import torch
-
-        return bool(torch.cuda.is_available())
-    except ImportError:
-        return False
-
-
 @pytest.mark.gpu
-@pytest.mark.skipif(not _cuda_available(), reason="serializing the GPU DALI pipeline needs CUDA and an NVIDIA GPU")
+@pytest.mark.skipif(not cuda_available(), reason="serializing the GPU DALI pipeline needs CUDA and an NVIDIA GPU")
 def test_the_gpu_pipeline_autoserializes_as_the_dali_backend_does(tmp_path) -> None:  # type: ignore[no-untyped-def]
     from nvidia.dali._utils.autoserialize import invoke_autoserialize
 

@@ -19,6 +19,7 @@ import numpy as np
 import pytest
 
 from medseg.errors import MedsegError, StudyError
+from tests.conftest import tritonserver_pid
 
 
 @pytest.mark.parametrize(("status", "message", "retried"), [
@@ -70,12 +71,6 @@ def test_a_cancelled_study_stops_at_once_leaves_nothing_and_the_next_is_served(s
     assert server.ready()
 
 
-def _server_pid(serve_pid: int) -> int | None:
-    from medseg.server import child_processes
-
-    return next((pid for pid, name in child_processes(serve_pid) if name.startswith("tritonserver")), None)
-
-
 @pytest.mark.server
 @pytest.mark.timeout(900)
 def test_a_batch_survives_20_server_kills_every_study_ending_once_right_or_with_a_clear_error() -> None:
@@ -110,11 +105,11 @@ def test_a_batch_survives_20_server_kills_every_study_ending_once_right_or_with_
             while len(outcomes) == seen and not stop.is_set():  # the server is back and has served a study
                 time.sleep(0.02)
             time.sleep(rng.uniform(0.05, 0.4))  # the client sent the next study at once: it is in flight now
-            pid = _server_pid(serve.pid)
+            pid = tritonserver_pid(serve.pid)
             if pid is not None:
                 os.killpg(pid, signal.SIGKILL)
                 kills.append(time.monotonic())
-                while _server_pid(serve.pid) == pid and not stop.is_set():  # until serve has reaped it
+                while tritonserver_pid(serve.pid) == pid and not stop.is_set():  # until serve has reaped it
                     time.sleep(0.02)
 
     try:

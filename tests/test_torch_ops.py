@@ -10,14 +10,11 @@ import torch
 from medseg import torch_ops
 from medseg.postprocess import to_input_grid
 from medseg.preprocess import preprocess_reference
-
-
-def _cuda() -> bool:
-    return torch.cuda.is_available()
+from tests.conftest import CUDA_REASON, cuda_available
 
 
 @pytest.fixture(params=["cpu", pytest.param("cuda", marks=[
-    pytest.mark.gpu, pytest.mark.skipif(not _cuda(), reason="needs an NVIDIA GPU and a CUDA build of torch")])])
+    pytest.mark.gpu, pytest.mark.skipif(not cuda_available(), reason=CUDA_REASON)])])
 def device(request: pytest.FixtureRequest) -> str:
     """Where the torch math runs: torch's CPU device, and the GPU where there is one."""
     return str(request.param)

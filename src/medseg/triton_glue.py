@@ -50,7 +50,8 @@ class TorchTensors(NumpyTensors):
         if self._held:
             import torch
 
-            torch.cuda.synchronize()
+            for device in {t.device for t in self._held}:  # an instance's GPU need not be the current one
+                torch.cuda.synchronize(device)
             self._held.clear()
 
     def unpack(self, tensor: Any) -> Any:
