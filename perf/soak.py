@@ -187,6 +187,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--window", type=float, default=None, help="seconds of the first and last windows (default: a sixth)")
     ap.add_argument("--out", type=Path, default=REPO_ROOT / "perf" / "results" / "soak")
     args = ap.parse_args(argv)
+    if args.minutes <= 0 or not 0 < args.load <= 1:
+        ap.error(f"expected --minutes > 0 and 0 < --load <= 1, got --minutes {args.minutes:g} --load {args.load:g}")
     window = args.window or args.minutes * 60 / 6
     with EmbeddedServer(ServerOptions(grpc_port=0, http_port=0, metrics_port=0)) as server:
         doc = soak(server, args.minutes, args.load, window)
