@@ -5,7 +5,7 @@ STAMP := .venv/.installed-stamp
 ONNX := model_repository/ct_segmenter/1/model.onnx
 WEIGHTS := export/weights/ct_liver_unet.fp16.pt export/weights/manifest.json
 
-.PHONY: venv sysdeps perf-tools artifacts configs demo test test-unit test-server test-slow soak lint bench bench-full weights clean
+.PHONY: venv sysdeps perf-tools realct artifacts configs demo test test-unit test-server test-slow soak lint bench bench-full accuracy weights clean
 
 # Debian tools the tests use as oracles: dciodvfy validates every DICOM object we write,
 # dcmtk's dcmcjpeg makes JPEG-lossless series (no Python encoder exists), dcm2niix is the geometry oracle
@@ -25,6 +25,25 @@ $(PERF_ANALYZER): | $(STAMP)
 	$(PY) -m zipfile -e .perf_tools/wheel/tritonclient-2.48.0-*.whl .perf_tools/wheel
 	install -m 755 .perf_tools/wheel/tritonclient-2.48.0.data/data/bin/perf_analyzer $@
 	rm -rf .perf_tools/wheel
+
+# Real CT for the tests (never training data): TotalSegmentator's test reference files (a DICOM series,
+# CT and MR NIfTIs with their labels), Apache-2.0 licensed (Wasserthal et al., github.com/wasserth/TotalSegmentator),
+# taken from its source distribution on PyPI (sha256 pinned) into the git-ignored cache; only
+# tests/reference_files/ is kept. `make realct REALCT=/some/dir` fetches it elsewhere.
+REALCT ?= .cache/realct
+REALCT_SDIST := totalsegmentator-2.18.0.tar.gz
+REALCT_SHA256 := 5d4223ef93973bc36d710869d11e7742ead2c154c72f7f9edcaaadd5b6c4bd03
+realct: $(REALCT)/reference_files/.extracted-stamp
+$(REALCT)/reference_files/.extracted-stamp: | $(STAMP)
+	rm -rf $(REALCT)/sdist $(REALCT)/reference_files.partial
+	$(PY) -m pip download --quiet --no-deps --no-binary totalsegmentator -d $(REALCT)/sdist totalsegmentator==2.18.0
+	echo "$(REALCT_SHA256)  $(REALCT)/sdist/$(REALCT_SDIST)" | sha256sum --check --quiet
+	mkdir -p $(REALCT)/reference_files.partial
+	tar -xzf $(REALCT)/sdist/$(REALCT_SDIST) --no-same-owner -C $(REALCT)/reference_files.partial --strip-components=3 \
+	  totalsegmentator-2.18.0/tests/reference_files/
+	rm -rf $(REALCT)/reference_files $(REALCT)/sdist
+	touch $(REALCT)/reference_files.partial/.extracted-stamp
+	mv $(REALCT)/reference_files.partial $(REALCT)/reference_files
 
 venv: $(STAMP)
 $(STAMP): pyproject.toml
@@ -50,16 +69,16 @@ lint: $(STAMP)
 	$(PY) -m ruff check src clients export tests perf model_repository
 	$(PY) -m mypy
 
-test: $(STAMP) $(ONNX) sysdeps $(PERF_ANALYZER) lint
+test: $(STAMP) $(ONNX) sysdeps $(PERF_ANALYZER) realct lint
 	$(PY) -m pytest
 
-test-unit: $(STAMP) sysdeps
+test-unit: $(STAMP) sysdeps realct
 	$(PY) -m pytest -m "not server and not slow"
 
-test-server: $(STAMP) $(ONNX) sysdeps $(PERF_ANALYZER)
+test-server: $(STAMP) $(ONNX) sysdeps $(PERF_ANALYZER) realct
 	$(PY) -m pytest -m server
 
-test-slow: $(STAMP) $(ONNX)
+test-slow: $(STAMP) $(ONNX) realct
 	$(PY) -m pytest -m slow -o addopts="-ra"
 
 # 30 minutes at 70% of the measured capacity (cpu flavor); figures to perf/results/soak/
@@ -73,14 +92,20 @@ bench: $(STAMP) $(ONNX) sysdeps $(PERF_ANALYZER)
 bench-full: $(STAMP) $(ONNX) sysdeps $(PERF_ANALYZER)
 	$(PY) -m perf.bench --full --out perf/results/full
 
-# retrain the shipped weights in the three stages recorded in export/weights/manifest.json
-# (about 80 min on 2 CPU cores; minutes on a GPU): base, tumor emphasis, lesion synthesis
+# the acceptance run (a few minutes on 2 cores): phantoms, scans without a liver, TotalSegmentator's real CT, judged
+# through the embedded server by `medseg evaluate`; reports to perf/results/<machine>/accuracy/, its table into README.md
+accuracy: $(STAMP) $(ONNX) realct
+	$(PY) -m export.evaluate --realct $(REALCT)/reference_files --readme
+
+# retrain the shipped weights in the two stages recorded in export/weights/manifest.json (about 70 min on 2 CPU
+# cores; minutes on a GPU), starting from the v1 model's convolutions (export/weights/v1/, its own manifest):
+# whole-body phantoms with hard negatives, then tumor emphasis with lesion synthesis. Then `python -m export.froc`
+# chooses the tumor operating point. Training data are phantoms only: the real CT of `make realct` never is.
 weights: $(STAMP)
-	$(PY) -m export.train --out .cache/stage1
-	$(PY) -m export.train --init .cache/stage1/ct_liver_unet.fp16.pt --epochs 24 --lr 1e-3 \
-	  --class-ratios 1 1 4 --ce-weights 1 1 3 --out .cache/stage2
-	$(PY) -m export.train --init .cache/stage2/ct_liver_unet.fp16.pt --epochs 24 --lr 5e-4 \
-	  --class-ratios 1 1 3 --ce-weights 1 1 2 --synthetic-tumors 0.5 --out export/weights
+	$(PY) -m export.train --init export/weights/v1/ct_liver_unet.fp16.pt --epochs 24 --lr 1e-3 --synthetic-tumors 0.3 \
+	  --out .cache/stage1
+	$(PY) -m export.train --init .cache/stage1/ct_liver_unet.fp16.pt --epochs 20 --lr 5e-4 --class-ratios 1 1 3 \
+	  --ce-weights 1 1 2 --synthetic-tumors 0.5 --out export/weights
 
 clean:
 	rm -rf demo_out .cache .pytest_cache .mypy_cache .ruff_cache .triton_backends .perf_tools

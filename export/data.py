@@ -1,7 +1,11 @@
 """Training data: phantoms run through the served preprocessing (the DALI pipeline on the CPU).
 
-Labels go to the model grid by nearest-neighbour sampling at the centres of the model voxels, the
-same grid convention as the preprocessing. Results are cached under ``.cache/`` by seed.
+Only phantoms this project generates are training data. Real CT (TotalSegmentator's reference files under
+``.cache/realct``, ``make realct``) is for development and acceptance: **never training data**; the loader
+below refuses any case that is not a phantom.
+
+Labels go to the model grid by nearest-neighbour sampling at the centres of the model voxels, the same grid
+convention as the preprocessing. Results are cached under ``.cache/train`` by seed, region and generator version.
 """
 
 from __future__ import annotations
@@ -9,12 +13,25 @@ from __future__ import annotations
 import numpy as np
 from tqdm import tqdm
 
-from medseg.phantom import generate
+from medseg.phantom import GENERATOR_VERSION, REGIONS, generate
 from medseg.preprocess import source_coordinates
 from medseg.spec import REPO_ROOT, SPEC
 
 CACHE = REPO_ROOT / ".cache" / "train"
-PHANTOM_RECIPE = "medseg.phantom.generate(seed) v1"
+PHANTOM_RECIPE = f"medseg.phantom.generate(seed, region) v{GENERATOR_VERSION}"
+
+# the training mix: most scans hold the liver; a fifth are hard negatives (other body regions, no liver) so the
+# network learns what is not liver (heart, spleen, brain, bladder, muscle) and what a cut-off liver looks like
+TRAIN_MIX = {"abdomen": 26, "chest_abdomen": 6, "abdomen_pelvis": 4, "liver_tip": 2, "chest": 3, "head": 2, "neck": 1,
+             "pelvis": 2, "legs": 1, "no_liver": 1}
+VAL_CASES = [(2000, "abdomen"), (2001, "abdomen"), (2002, "chest_abdomen"), (2003, "chest"), (2004, "head")]
+
+
+def train_cases(first_seed: int = 1000) -> list[tuple[int, str]]:
+    """(seed, region) of every training phantom: the regions of TRAIN_MIX in a fixed interleaved order."""
+    regions = [r for r, n in TRAIN_MIX.items() for _ in range(n)]
+    order = np.random.default_rng(0).permutation(len(regions))
+    return [(first_seed + i, regions[int(j)]) for i, j in enumerate(order)]
 
 
 def labels_to_model_grid(labels: np.ndarray, spacing: tuple[float, ...], grid: tuple[int, int, int]) -> np.ndarray:
@@ -26,14 +43,16 @@ def labels_to_model_grid(labels: np.ndarray, spacing: tuple[float, ...], grid: t
     return out
 
 
-def training_case(seed: int, preprocessor) -> tuple[np.ndarray, np.ndarray]:  # type: ignore[no-untyped-def]
+def training_case(seed: int, region: str, preprocessor) -> tuple[np.ndarray, np.ndarray]:  # type: ignore[no-untyped-def]
     """(image (1, Z, Y, X) float32 unpadded, labels (1, Z, Y, X) uint8) of one phantom, cached."""
+    if region not in REGIONS:
+        raise ValueError(f"training cases are phantoms of a region in {REGIONS}, got {region!r}")
     CACHE.mkdir(parents=True, exist_ok=True)
-    path = CACHE / f"seed{seed}.npz"
+    path = CACHE / f"v{GENERATOR_VERSION}-seed{seed}-{region}.npz"
     if path.exists():
         with np.load(path) as d:
             return d["image"], d["labels"]
-    ph = generate(seed)
+    ph = generate(seed, region=region)
     image, grid = preprocessor(ph.ct, np.asarray(ph.spacing, np.float32))
     image = image[:, : grid[0], : grid[1], : grid[2]]
     labels = labels_to_model_grid(ph.labels, ph.spacing, grid)[None]
@@ -43,10 +62,9 @@ def training_case(seed: int, preprocessor) -> tuple[np.ndarray, np.ndarray]:  # 
     return image, labels
 
 
-def load_cases(seeds: list[int], desc: str) -> list[tuple[np.ndarray, np.ndarray]]:
-    """Build (or read from the cache) the cases of ``seeds`` with a progress bar."""
+def load_cases(cases: list[tuple[int, str]], desc: str) -> list[tuple[np.ndarray, np.ndarray]]:
+    """Build (or read from the cache) the phantoms of ``cases`` (seed, region) with a progress bar."""
     from medseg.dali_pipeline import CpuPreprocessor
 
     pre = CpuPreprocessor()
-    return [training_case(s, pre) for s in tqdm(seeds, desc=desc, unit="study")]
-
+    return [training_case(s, r, pre) for s, r in tqdm(cases, desc=desc, unit="study")]

@@ -2,10 +2,15 @@
 
     python -m export.train [--epochs N] [--iters-per-epoch N] [--out export/weights]
 
-Validation Dice is computed every epoch on held-out phantoms run whole-volume, exactly as served;
-the best checkpoint is kept, stored as fp16, and described by a manifest (seeds, recipe, epochs,
-validation Dice, sha256). The same command with the same arguments reproduces the weights up to
-floating-point nondeterminism of the CPU kernels.
+The training data are phantoms only (``export.data``: whole-body phantoms, a fifth of them scans that hold no
+liver). Real CT (``make realct``, TotalSegmentator's reference files) is for development and acceptance and is
+**never training data**. Patches get the intensity, contrast, blur, noise and resolution augmentations real
+scans call for, and small rotations and scalings (never a left-right flip: the liver is on the right).
+
+Validation runs every epoch whole-volume, exactly as served, on held-out phantoms: liver and tumor Dice on
+those holding a liver, and the false liver volume on those that hold none; the best checkpoint is kept,
+stored as fp16, and described by a manifest (cases, recipe, epochs, validation figures, sha256). The same
+command with the same arguments reproduces the weights up to floating-point nondeterminism of the CPU kernels.
 """
 
 from __future__ import annotations
@@ -21,14 +26,14 @@ from typing import Any
 import numpy as np
 
 from export.augment import RandSyntheticTumord
-from export.data import PHANTOM_RECIPE, load_cases
+from export.data import PHANTOM_RECIPE, TRAIN_MIX, VAL_CASES, load_cases, train_cases
 from medseg.metrics import dice
 from medseg.network import MANIFEST_FILE, WEIGHTS_FILE, build_network, sha256_of
 from medseg.spec import SPEC, padded_shape
 
-TRAIN_SEEDS = list(range(1000, 1032))
-VAL_SEEDS = list(range(2000, 2003))
 PATCH = (96, 96, 96)
+BATCH = 2  # patches per step, each from another case
+FALSE_LIVER_SCALE_ML = 100.0  # a scan without a liver costs its validation score in full at this much false liver
 
 
 def predict_volume(model: Any, image: np.ndarray) -> np.ndarray:
@@ -45,15 +50,79 @@ def predict_volume(model: Any, image: np.ndarray) -> np.ndarray:
 
 
 def validate(model: Any, cases: list[tuple[np.ndarray, np.ndarray]]) -> dict[str, float]:
-    """Mean Dice of the whole liver (labels 1+2) and of the tumors (label 2) over ``cases``."""
-    liver, tumor = [], []
+    """Mean Dice of the whole liver (labels 1+2) and of the tumors (label 2) over the cases holding a liver;
+    the mean false liver volume (mL) over those holding none."""
+    liver, tumor, false_ml = [], [], []
+    voxel_ml = float(np.prod(SPEC.model_spacing)) / 1000.0
     model.eval()
     for image, labels in cases:
         pred = predict_volume(model, image)
         truth = labels[0]
-        liver.append(dice(pred > 0, truth > 0))
-        tumor.append(dice(pred == 2, truth == 2))
-    return {"liver": float(np.mean(liver)), "tumor": float(np.mean(tumor))}
+        if truth.any():
+            liver.append(dice(pred > 0, truth > 0))
+            tumor.append(dice(pred == 2, truth == 2))
+        else:
+            false_ml.append(float((pred > 0).sum()) * voxel_ml)
+    return {"liver": float(np.mean(liver)), "tumor": float(np.mean(tumor)),
+            "false_liver_ml": float(np.mean(false_ml)) if false_ml else 0.0}
+
+
+def score(scores: dict[str, float]) -> float:
+    """One number to keep the best epoch by: mean of liver and tumor Dice, less the false-liver penalty."""
+    return (scores["liver"] + scores["tumor"]) / 2 - 0.5 * min(1.0, scores["false_liver_ml"] / FALSE_LIVER_SCALE_ML)
+
+
+def augmentations(synthetic_tumors: float, class_ratios: tuple[float, ...], seed: int) -> Any:
+    """Patch sampling and the augmentations of one training step (MONAI dictionary transforms)."""
+    from monai.transforms import (
+        Compose,
+        RandAdjustContrastd,
+        RandAffined,
+        RandCropByLabelClassesd,
+        RandGaussianNoised,
+        RandGaussianSmoothd,
+        RandScaleIntensityd,
+        RandShiftIntensityd,
+        RandSimulateLowResolutiond,
+        SpatialPadd,
+    )
+
+    return Compose([
+        SpatialPadd(keys=("image", "label"), spatial_size=PATCH),
+        RandCropByLabelClassesd(keys=("image", "label"), label_key="label", spatial_size=PATCH,
+                                ratios=list(class_ratios), num_classes=SPEC.num_classes, num_samples=1,
+                                warn=False),
+        RandSyntheticTumord(prob=synthetic_tumors, seed=seed),
+        RandAffined(keys=("image", "label"), prob=0.25, rotate_range=(0.1, 0.1, 0.2), scale_range=(0.12, 0.12, 0.12),
+                    mode=("bilinear", "nearest"), padding_mode="border"),
+        RandScaleIntensityd(keys="image", factors=0.1, prob=0.5),
+        RandShiftIntensityd(keys="image", offsets=0.06, prob=0.5),
+        RandAdjustContrastd(keys="image", prob=0.2, gamma=(0.8, 1.25)),
+        RandGaussianSmoothd(keys="image", prob=0.15, sigma_x=(0.4, 1.0), sigma_y=(0.4, 1.0), sigma_z=(0.4, 1.2)),
+        RandSimulateLowResolutiond(keys="image", prob=0.15, zoom_range=(0.5, 1.0)),
+        RandGaussianNoised(keys="image", prob=0.2, std=0.03),
+    ])
+
+
+def stored(state: dict[str, Any]) -> dict[str, Any]:
+    """The state dict as shipped: weights in float16 (half the size); batch norm's running statistics as they
+    are (float32, int64): a deep layer's running variance exceeds float16's range and would become inf."""
+    return {k: v.detach().cpu().clone() if "running_" in k or not v.is_floating_point() else v.detach().cpu().half()
+            for k, v in state.items()}
+
+
+def load_init(model: Any, init: Path) -> None:
+    """Start from earlier weights (fp16 state dict). Weights of another normalisation (v1's instance norm, which
+    holds no parameters) load their convolutions; the new norm layers start fresh. Anything else that does not
+    fit is an error."""
+    import torch
+
+    state = {k: v.float() for k, v in torch.load(init, map_location="cpu", weights_only=True).items()}
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    norm_keys = (".weight", ".bias", ".running_mean", ".running_var", ".num_batches_tracked")
+    missing = [k for k in missing if not (".adn.N." in k and k.endswith(norm_keys))]
+    if missing or unexpected:
+        raise ValueError(f"{init} does not fit the network: missing {missing[:5]}, unexpected {unexpected[:5]}")
 
 
 def train(epochs: int, iters_per_epoch: int, out: Path, seed: int, lr: float, init: Path | None = None,
@@ -62,26 +131,18 @@ def train(epochs: int, iters_per_epoch: int, out: Path, seed: int, lr: float, in
     """Run the training and write weights + manifest to ``out``; returns the manifest."""
     import torch
     from monai.losses import DiceCELoss
-    from monai.transforms import Compose, RandCropByLabelClassesd, RandScaleIntensityd, RandShiftIntensityd, SpatialPadd
     from monai.utils import set_determinism
     from tqdm import tqdm
 
     set_determinism(seed)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     amp = device.type == "cuda"
-    train_cases = load_cases(TRAIN_SEEDS, "training phantoms")
-    val_cases = load_cases(VAL_SEEDS, "validation phantoms")
-    sample = Compose([
-        SpatialPadd(keys=("image", "label"), spatial_size=PATCH),
-        RandCropByLabelClassesd(keys=("image", "label"), label_key="label", spatial_size=PATCH,
-                                ratios=list(class_ratios), num_classes=SPEC.num_classes, num_samples=2),
-        RandSyntheticTumord(prob=synthetic_tumors, seed=seed),
-        RandScaleIntensityd(keys="image", factors=0.1, prob=0.5),
-        RandShiftIntensityd(keys="image", offsets=0.05, prob=0.5),
-    ])
+    cases = load_cases(train_cases(), "training phantoms")
+    val_cases = load_cases(VAL_CASES, "validation phantoms")
+    sample = augmentations(synthetic_tumors, class_ratios, seed)
     model = build_network()
     if init is not None:  # continue from earlier weights (fp16 state dict)
-        model.load_state_dict({k: v.float() for k, v in torch.load(init, map_location="cpu", weights_only=True).items()})
+        load_init(model, init)
     model = model.to(device)
     loss_fn = DiceCELoss(to_onehot_y=True, softmax=True, weight=torch.tensor(ce_weights, dtype=torch.float32, device=device))
     opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=1e-5)
@@ -97,8 +158,9 @@ def train(epochs: int, iters_per_epoch: int, out: Path, seed: int, lr: float, in
         losses = []
         bar = tqdm(range(iters_per_epoch), desc=f"epoch {epoch}/{epochs}", unit="it", leave=False)
         for _ in bar:
-            image, labels = train_cases[int(rng.integers(len(train_cases)))]
-            patches = sample({"image": image, "label": labels})
+            # one patch from each of two cases: batch norm's statistics then span two studies, not one
+            patches = [p for i in rng.choice(len(cases), size=BATCH, replace=False)
+                       for p in sample({"image": cases[int(i)][0], "label": cases[int(i)][1]})]
             x = torch.stack([torch.as_tensor(np.asarray(p["image"])) for p in patches]).to(device)
             y = torch.stack([torch.as_tensor(np.asarray(p["label"])) for p in patches]).to(device).long()
             opt.zero_grad(set_to_none=True)
@@ -113,15 +175,16 @@ def train(epochs: int, iters_per_epoch: int, out: Path, seed: int, lr: float, in
         model.cpu()
         scores = validate(model, val_cases)
         model.to(device)
-        score = (scores["liver"] + scores["tumor"]) / 2
+        value = score(scores)
         history.append({"epoch": epoch, "loss": float(np.mean(losses)), **scores})
         marker = ""
-        if score > best["score"]:
-            best = {"score": score, "epoch": epoch, "dice": scores,
-                    "state": {k: v.detach().cpu().half().clone() for k, v in model.state_dict().items()}}
+        if value > best["score"]:
+            best = {"score": value, "epoch": epoch, "dice": scores,
+                    "state": stored(model.state_dict())}
             marker = " *best*"
         print(f"epoch {epoch:3d}  loss {np.mean(losses):.4f}  val Dice liver {scores['liver']:.4f} "
-              f"tumor {scores['tumor']:.4f}  ({time.time() - t0:.0f}s){marker}", flush=True)
+              f"tumor {scores['tumor']:.4f}  false liver {scores['false_liver_ml']:.1f} mL  ({time.time() - t0:.0f}s){marker}",
+              flush=True)
     out.mkdir(parents=True, exist_ok=True)
     weights = out / WEIGHTS_FILE.name
     torch.save(best["state"], weights)
@@ -129,12 +192,15 @@ def train(epochs: int, iters_per_epoch: int, out: Path, seed: int, lr: float, in
         "model": SPEC.segmenter.name,
         "spec_version": SPEC.version,
         "network": {"type": "monai.networks.nets.UNet", "channels": list(SPEC.network.channels),
-                    "strides": list(SPEC.network.strides), "num_res_units": SPEC.network.num_res_units},
-        "storage": "float16 state_dict",
+                    "strides": list(SPEC.network.strides), "num_res_units": SPEC.network.num_res_units,
+                    "norm": SPEC.network.norm},
+        "storage": "float16 state_dict; batch-norm statistics float32",
         "sha256": sha256_of(weights),
         "seed": seed,
-        "data_recipe": {"generator": PHANTOM_RECIPE, "train_seeds": [TRAIN_SEEDS[0], TRAIN_SEEDS[-1]],
-                        "val_seeds": [VAL_SEEDS[0], VAL_SEEDS[-1]], "patch": list(PATCH),
+        "data_recipe": {"generator": PHANTOM_RECIPE, "train_cases": [[s, r] for s, r in train_cases()],
+                        "train_mix": TRAIN_MIX, "val_cases": [[s, r] for s, r in VAL_CASES], "patch": list(PATCH),
+                        "augmentations": "affine (p 0.25), intensity scale/shift, gamma, blur, low resolution, noise",
+                        "never_training_data": "real CT (make realct): development and acceptance only",
                         "class_ratios": list(class_ratios), "ce_weights": list(ce_weights),
                         "synthetic_tumors": synthetic_tumors,
                         "preprocessing": "medseg.dali_pipeline.ct_preprocess (DALI, CPU)"},

@@ -38,6 +38,7 @@ from tqdm import tqdm
 from medseg.metrics import dice
 from medseg.phantom import Phantom, generate
 from medseg.pipeline import ReferencePipeline
+from medseg.provenance import cpu_model
 from medseg.server import EmbeddedServer, ServerOptions
 from medseg.spec import MODEL_REPOSITORY, REPO_ROOT, SPEC
 from perf import pa, report
@@ -51,14 +52,7 @@ HEADLINE_SLICES = 300
 
 def machine_label() -> str:
     """A short name of this machine's kind: cores and CPU model (and GPU, where there is one)."""
-    model = "cpu"
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                model = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
+    model = cpu_model() or "cpu"
     short = "".join(c if c.isalnum() else "-" for c in model).strip("-").lower()
     while "--" in short:
         short = short.replace("--", "-")
@@ -98,7 +92,7 @@ def served(flavor: str, instances: int = 1) -> Iterator[EmbeddedServer]:
     """The embedded server on free ports; ``instances`` > 1 serves a copy of the repository with that count."""
     repo, tmp = MODEL_REPOSITORY, None
     if instances != 1:
-        from medseg import configgen
+        import medseg.configgen as configgen
 
         tmp = Path(tempfile.mkdtemp(prefix="medseg-bench-"))
         flavored = {rel: cfg for rel, cfg in configgen.config_dicts().items() if rel.endswith(f"configs/{flavor}.pbtxt")}

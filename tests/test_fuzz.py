@@ -13,6 +13,7 @@ import shutil
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pydicom
@@ -28,11 +29,11 @@ MUTATIONS = ("truncate", "flip_bytes", "bad_length", "wrong_vr", "absurd_rows", 
              "drop_pixels", "drop_position", "swap_in_test_file", "non_image", "bad_spacing", "zero_bytes")
 
 
-def _tiny_series(folder: Path, slices: int = 6) -> list[Path]:
+def _tiny_series(folder: Path, slices: int = 6, size: int = 32,
+                 spacing: tuple[float, float, float] = (2.0, 0.8, 0.8)) -> list[Path]:
     rng = np.random.default_rng(0)
-    ct = rng.integers(-1000, 1000, size=(slices, 32, 32)).astype(np.int16)
-    ph = Phantom(seed=0, ct=ct, labels=np.zeros_like(ct, np.uint8), spacing=(2.0, 0.8, 0.8),
-                 origin_mm=(0.0, 0.0, 0.0))
+    ct = rng.integers(-1000, 1000, size=(slices, size, size)).astype(np.int16)
+    ph = Phantom(seed=0, ct=ct, labels=np.zeros_like(ct, np.uint8), spacing=spacing, origin_mm=(0.0, 0.0, 0.0))
     return write_dicom_series(ph, folder)
 
 
@@ -58,10 +59,10 @@ class Case:
     mutation: str
 
 
-def _mutate(case: Case, folder: Path) -> None:
-    """Write a tiny series into ``folder`` and damage it as ``case`` says."""
+def _mutate(case: Case, folder: Path, **series: Any) -> None:
+    """Write a tiny series into ``folder`` (``series``: _tiny_series' size) and damage it as ``case`` says."""
     rng = np.random.default_rng(case.seed)
-    files = _tiny_series(folder)
+    files = _tiny_series(folder, **series)
     victim = files[int(rng.integers(len(files)))]
     raw = bytearray(victim.read_bytes())
     m = case.mutation

@@ -23,14 +23,38 @@ def test_the_same_seed_gives_the_same_study(small_phantom: Phantom) -> None:
 def test_phantoms_follow_the_acquisition_recipe(seed: int) -> None:
     ph = generate(seed)
     nz, rows, cols = ph.ct.shape
-    assert rows == cols == 512 and 80 <= nz <= 400
-    assert 1.0 <= ph.spacing[0] <= 5.0 and 0.6 <= ph.spacing[1] == ph.spacing[2] <= 0.95
+    assert rows == cols == 512 and 8 <= nz <= 600 and 150 <= nz * ph.spacing[0] <= 600  # mm covered
+    assert 1.0 <= ph.spacing[0] <= 5.0 and 0.58 <= ph.spacing[1] == ph.spacing[2] <= 0.98
     assert ph.ct.dtype == np.int16 and -1024 <= ph.ct.min() and ph.ct.max() <= 3071
-    assert 0 <= len(ph.tumors) <= 4 and all(5 <= t.diameter_mm <= 40 for t in ph.tumors)
-    liver_hu = ph.ct[ph.labels == LIVER].mean()
-    assert 40 < liver_hu < 140
-    if (ph.labels == TUMOR).any():
-        assert ph.ct[ph.labels == TUMOR].mean() < liver_hu - 10  # hypodense
+    assert 0 <= len(ph.tumors) <= 4 and all(5 <= t.diameter_mm <= 42 for t in ph.tumors)
+    assert ph.region == "abdomen" and ph.phase in ("none", "arterial", "portal", "delayed")
+    assert ph.liver_ml > 0.6 * ph.liver_total_ml  # an abdominal scan holds most of the liver
+    liver_hu = np.median(ph.ct[ph.labels == LIVER])
+    assert -20 < liver_hu < 160  # severe steatosis .. portal phase
+    assert all(abs(t.delta_hu) >= 15 for t in ph.tumors)  # drawn visible; partial volume fades the small ones
+    if any(t.diameter_mm >= 20 for t in ph.tumors):
+        assert abs(np.median(ph.ct[ph.labels == TUMOR]) - liver_hu) > 8
+
+
+@pytest.mark.parametrize("region", ["head", "neck", "chest", "pelvis", "legs", "no_liver"])
+def test_scans_of_other_regions_hold_no_liver(region: str) -> None:
+    ph = generate(31, region=region, num_slices=30, slice_thickness=5.0)
+    assert ph.region == region and not ph.labels.any() and ph.liver_ml == 0.0 and ph.tumors == []
+    assert (ph.ct > -500).mean() > 0.03  # there is a body in it
+
+
+def test_a_liver_tip_scan_holds_only_a_sliver_of_liver() -> None:
+    ph = generate(32, region="liver_tip")
+    assert 0 < ph.liver_ml < 0.2 * ph.liver_total_ml
+
+
+def test_changing_one_organ_changes_no_other_part_of_the_phantom() -> None:
+    """Each part draws from its own random stream: the body and the liver of a seed do not depend on the scan."""
+    abdomen = generate(33, num_slices=40, slice_thickness=5.0)
+    other = generate(33, num_slices=40, slice_thickness=5.0, phase="none" if abdomen.phase != "none" else "portal")
+    assert abdomen.phase != other.phase
+    assert np.array_equal(abdomen.labels, other.labels)  # the anatomy is the same; only enhancement differs
+    assert abdomen.tumors == other.tumors
 
 
 @pytest.mark.parametrize("fmt", ["dicom", "nifti"])

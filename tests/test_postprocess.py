@@ -90,16 +90,17 @@ def test_measures_tumor_volume_diameter_centroid_and_mean_hu() -> None:
     assert big["bbox_voxel_zyx"]["start"] == [20, 30, 30] and big["bbox_voxel_zyx"]["stop"] == [41, 51, 51]
 
 
-def test_postprocess_crops_padding_and_reports_the_grids() -> None:
+def test_postprocess_reports_the_grids_and_a_status_even_when_nothing_is_reported() -> None:
     shape, spacing = (20, 40, 40), (2.0, 1.5, 1.5)
     logits = np.zeros((SPEC.num_classes, 32, 48, 48), np.float32)
     logits[0] = 1.0
     logits[1, 4:12, 10:30, 10:30] = 5.0
-    logits[1, 25:, :, :] = 9.0  # in the padding: must be ignored
     labels, findings = postprocess(logits, (20, 40, 40), np.zeros(shape, np.int16), spacing)
-    assert labels.shape == shape
+    assert labels.shape == shape and not labels.any()  # a uniform volume is no CT: nothing is reported
+    assert findings["status"]["code"] == "not_ct" and findings["status"]["reason"]
     assert findings["model_grid_zyx"] == [20, 40, 40]
-    assert findings["liver"]["volume_ml"] == pytest.approx(8 * 20 * 20 * 4.5 / 1000)
+    assert findings["study_grid"] == {"shape_zyx": list(shape), "spacing_zyx_mm": list(spacing)}
+    assert findings["liver"] == {"found": False, "volume_ml": 0.0} and findings["tumors"] == []
 
 
 def test_logits_of_the_wrong_shape_are_refused() -> None:

@@ -41,7 +41,7 @@ def test_window_spacing_and_label_literals_appear_only_in_the_spec() -> None:
     patterns = [rf"(?<![\d.]){lo:g}(?![\d])", rf"(?<![\d.]){hi:g}(?:\.0)?(?![\d])", r"1\.5\s*,\s*1\.5", r"2\.0\s*,\s*1\.5"]
     offenders = []
     for path in _sources():
-        if path.name == "spec.py":
+        if path.name in ("spec.py", "phantom.py"):  # the phantom's numbers are anatomy (tissue HU, body mm)
             continue
         text = path.read_text()
         for pat in patterns:

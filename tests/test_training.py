@@ -41,3 +41,27 @@ def test_labels_reach_the_model_grid_by_nearest_neighbour() -> None:
     vol_in = (labels > 0).sum() * np.prod(spacing)
     vol_out = (out > 0).sum() * 2.0 * 1.5 * 1.5
     assert abs(vol_out - vol_in) / vol_in < 0.15
+
+
+def test_stored_weights_keep_batch_norm_statistics_in_float32() -> None:
+    import torch
+
+    from export.train import stored
+
+    state = {"conv.weight": torch.ones(2, 2), "bn.running_var": torch.tensor([1e6, 3.0]),
+             "bn.running_mean": torch.tensor([-2e5, 1.0]), "bn.num_batches_tracked": torch.tensor(7)}
+    out = stored(state)
+    assert out["conv.weight"].dtype == torch.float16  # weights: half the size
+    assert out["bn.running_var"].dtype == torch.float32 and torch.isfinite(out["bn.running_var"]).all()
+    assert out["bn.num_batches_tracked"].dtype == torch.int64 and int(out["bn.num_batches_tracked"]) == 7
+    assert not torch.isfinite(state["bn.running_var"].half()).all()  # what float16 would have made of it
+
+
+def test_the_shipped_weights_are_finite_and_fit_the_network() -> None:
+    import torch
+
+    from medseg.network import WEIGHTS_FILE, build_network
+
+    state = torch.load(WEIGHTS_FILE, map_location="cpu", weights_only=True)
+    assert all(torch.isfinite(v.float()).all() for v in state.values() if v.is_floating_point())
+    build_network().load_state_dict({k: v.float() if v.is_floating_point() else v for k, v in state.items()})

@@ -3,13 +3,15 @@
 from __future__ import annotations
 
 import json
+import os
+import secrets
 import shutil
-import tempfile
 import time
 from pathlib import Path
 from typing import Any
 
 from medseg.dicom_seg import write_seg
+from medseg.errors import MedsegError
 from medseg.preview import write_preview
 from medseg.studies import Study, read_study, save_nifti
 from medseg_client.client import SegmentationClient
@@ -30,10 +32,24 @@ def findings_document(study: Study, source: Path, result_findings: dict[str, Any
         "model": model,
         "input": {"name": source.name, "format": study.source, "series_instance_uid": study.series_uid or None,
                   "shape_zyx": list(study.ct.shape),
-                  "spacing_zyx_mm": [round(s, 4) for s in study.spacing]},
+                  "spacing_zyx_mm": [round(s, 4) for s in study.spacing],
+                  "header_repairs": list(study.repairs)},
         "findings": findings,
         "timings_s": timings,
     }
+
+
+def check_out_dir(out: Path) -> None:
+    """Refuse, before any work, an ``out`` that cannot become a folder of outputs."""
+    if out.exists() and not out.is_dir():
+        raise MedsegError(f"--out {out}: exists and is not a folder")
+    ancestor = out.absolute().parent
+    while not ancestor.exists() and ancestor != ancestor.parent:
+        ancestor = ancestor.parent
+    if not ancestor.is_dir():
+        raise MedsegError(f"--out {out}: {ancestor} is not a folder")
+    if not os.access(ancestor, os.W_OK | os.X_OK):
+        raise MedsegError(f"--out {out}: {ancestor} is not writable")
 
 
 def segment_to_dir(url: str, source: Path, out: Path, model_name: str, timeout_s: float,
@@ -42,33 +58,40 @@ def segment_to_dir(url: str, source: Path, out: Path, model_name: str, timeout_s
     DICOM input, seg.dcm into ``out``. ``client`` are SegmentationClient's transport options
     (shared_memory, tenant_key, tls_ca, admin_key).
 
-    Outputs are staged in a temporary folder beside ``out`` and moved in only when all are written.
+    Outputs are staged in a temporary folder beside ``out`` and moved in only when all are written (a new
+    ``out`` is the staging folder renamed); whatever fails on the way, the staging folder is removed.
     """
     t0 = time.perf_counter()
+    check_out_dir(out)
     study = read_study(source, series_uid)
     if study.note:
         print(f"reading {study.note}", flush=True)
+    for repair in study.repairs:
+        print(f"note: header repaired: {repair}", flush=True)
     t_read = time.perf_counter() - t0
     with SegmentationClient(url, model_name=model_name, timeout_s=timeout_s, **client) as session:
         result = session.segment(study.ct, study.spacing)
     t1 = time.perf_counter()
     out.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=".medseg-", dir=out.parent))
+    staging = out.parent / f".medseg-{secrets.token_hex(8)}"  # the usual mode: a new out is this folder renamed
+    staging.mkdir()
     try:
         native = study.to_native(result.labels)
         save_nifti(native, study.native_affine_ras, staging / LABELS_FILE)
         if study.source == "dicom":
-            write_seg(staging / SEG_FILE, study.dicom_files, native, result.findings.get("model", {}),
-                      study.frame_indices)
+            write_seg(staging / SEG_FILE, study.dicom_headers or study.dicom_files, native,
+                      result.findings.get("model", {}), study.frame_indices)
         write_preview(staging / PREVIEW_FILE, study.ct, result.labels, study.spacing, result.findings)
         timings = {"read_study_s": round(t_read, 3), **result.timings_s,
                    "write_outputs_s": round(time.perf_counter() - t1, 3)}
         timings["total_s"] = round(time.perf_counter() - t0, 3)
         doc = findings_document(study, source, result.findings, timings)
         (staging / FINDINGS_FILE).write_text(json.dumps(doc, indent=2) + "\n")
-        out.mkdir(parents=True, exist_ok=True)
-        for f in staging.iterdir():
-            f.replace(out / f.name)
+        if out.is_dir():
+            for f in staging.iterdir():
+                f.replace(out / f.name)
+        else:
+            staging.rename(out)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     return doc

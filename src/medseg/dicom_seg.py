@@ -2,16 +2,20 @@
 
 Each segment carries its coded anatomy from the spec, Segment Algorithm Type AUTOMATIC and the
 algorithm's identification: name, model version, and the weights' and ONNX model's sha256.
+The sources' headers go through the reader's ``repair_headers`` first, so a series an anonymizer left
+with blank UIDs gets a SEG that references the very UIDs the reader reported.
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from medseg.spec import SPEC, Code
+from medseg.studies import repair_headers
 
 MANUFACTURER = "medseg"
 
@@ -22,16 +26,28 @@ def _concept(code: Code) -> Any:
     return CodedConcept(code.value, code.scheme, code.meaning)
 
 
-def build_seg(source_files: list[Path], labels_native: np.ndarray, provenance: dict[str, Any],
+def source_headers(sources: Sequence[Path | Any]) -> list[Any]:
+    """The distinct source headers, in order, repaired: files are read (headers only), datasets (the
+    reader's ``Study.dicom_headers``) used as they are."""
+    import pydicom
+
+    unique: dict[Any, Path | Any] = {}
+    for s in sources:
+        unique.setdefault(s if isinstance(s, Path) else id(s), s)
+    headers = [(s, pydicom.dcmread(s, stop_before_pixels=True)) if isinstance(s, Path)
+               else (Path(str(getattr(s, "filename", None) or "source")), s) for s in unique.values()]
+    repair_headers(headers)
+    return [ds for _, ds in headers]
+
+
+def build_seg(source_files: Sequence[Path | Any], labels_native: np.ndarray, provenance: dict[str, Any],
               frame_indices: list[int] | None = None) -> Any:
     """A binary Segmentation of ``labels_native`` ((i, j, k) = (column, row, slice)); slice k comes from
-    ``source_files[k]`` (frame ``frame_indices[k]`` of it, for a multi-frame source)."""
+    ``source_files[k]``, a file or its header (frame ``frame_indices[k]`` of it, for a multi-frame source)."""
     import highdicom as hd
-    import pydicom
     from pydicom.sr.codedict import codes
 
-    unique = list(dict.fromkeys(source_files))
-    sources = [pydicom.dcmread(p, stop_before_pixels=True) for p in unique]  # highdicom needs headers only
+    sources = source_headers(source_files)  # highdicom needs headers only
     if labels_native.shape != (int(sources[0].Columns), int(sources[0].Rows), len(source_files)):
         raise ValueError(f"labels of shape {labels_native.shape} do not fit {len(source_files)} slices of "
                          f"{sources[0].Rows}x{sources[0].Columns}")
@@ -60,7 +76,7 @@ def build_seg(source_files: list[Path], labels_native: np.ndarray, provenance: d
     ]
     # (slices, rows, columns, segments) binary masks, in the order of the source frames
     frames = labels_native.transpose(2, 1, 0)
-    if len(unique) == 1 and len(source_files) > 1:  # one multi-frame source: back to its frame order
+    if len(sources) == 1 and len(source_files) > 1:  # one multi-frame source: back to its frame order
         order = np.empty(len(source_files), np.int64)
         order[np.asarray(frame_indices if frame_indices is not None else range(len(source_files)))] = np.arange(
             len(source_files))
@@ -85,7 +101,7 @@ def build_seg(source_files: list[Path], labels_native: np.ndarray, provenance: d
     )
 
 
-def write_seg(path: Path, source_files: list[Path], labels_native: np.ndarray, provenance: dict[str, Any],
+def write_seg(path: Path, source_files: Sequence[Path | Any], labels_native: np.ndarray, provenance: dict[str, Any],
               frame_indices: list[int] | None = None) -> None:
     """Build and save the SEG."""
     build_seg(source_files, labels_native, provenance, frame_indices).save_as(path)

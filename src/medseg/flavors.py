@@ -153,9 +153,10 @@ def postprocess_step(args: dict[str, Any]) -> Step:
 
         def run(t: dict[str, Any]) -> dict[str, Any]:
             grid, ct, spacing = (t[k].cpu().numpy() for k in ("GRID", "CT", "SPACING"))
-            # argmax, largest organ and the way back to the study's grid on the device; only uint8 labels return
-            labels = torch_ops.labels_on_input_grid(t["LOGITS"].to(device), grid, ct.shape, spacing).cpu().numpy()
-            return {"LABELS": labels, "FINDINGS": json_tensor({"model": provenance, **findings(labels, grid, ct, spacing)})}
+            # argmax, probabilities and the way back to the study's grid on the device; the judging on the host
+            labels, verdict = torch_ops.postprocess(t["LOGITS"].to(device), grid, ct, spacing)
+            doc = findings(labels, grid, ct, spacing, verdict)
+            return {"LABELS": labels, "FINDINGS": json_tensor({"model": provenance, **doc})}
 
         return Step(run, TorchTensors(), "torch", device)
 

@@ -109,7 +109,7 @@ def parse_tenants(doc: dict[str, Any]) -> tuple[str, list[Tenant]]:
     if not isinstance(doc, dict):
         raise PlanError(f"a tenants file is a mapping with 'gpu' and 'tenants', got {type(doc).__name__}")
     gpu = doc.get("gpu")
-    if gpu not in GPUS:
+    if not isinstance(gpu, str) or gpu not in GPUS:
         raise PlanError(f"gpu must be one of {sorted(GPUS)}, got {gpu!r}")
     raw = doc.get("tenants")
     if not isinstance(raw, list) or not raw:
@@ -139,15 +139,15 @@ def parse_tenants(doc: dict[str, Any]) -> tuple[str, list[Tenant]]:
         profile, requires = t.get("profile"), t.get("requires")
         if (profile is None) == (requires is None):
             raise PlanError(f"{where}: give either profile (e.g. 3g.40gb) or requires: {{volumes_per_s: N}}")
-        if profile is not None and profile not in GPUS[gpu]:
+        if profile is not None and (not isinstance(profile, str) or profile not in GPUS[gpu]):
             raise PlanError(f"{where}: profile {profile!r} does not exist on {gpu}; it has {list(GPUS[gpu])}")
         vps = None
         if requires is not None:
             vps = requires.get("volumes_per_s") if isinstance(requires, dict) else None
-            if not isinstance(vps, int | float) or vps <= 0:
+            if not isinstance(vps, int | float) or not 0 < vps < float("inf"):  # NaN fails too
                 raise PlanError(f"{where}: requires.volumes_per_s must be a positive number, got {vps!r}")
         rate, burst, priority = t.get("rate_limit_per_s", 10.0), t.get("burst", 5), t.get("priority", 1)
-        if not isinstance(rate, int | float) or rate <= 0:
+        if not isinstance(rate, int | float) or not 0 < rate < float("inf"):
             raise PlanError(f"{where}: rate_limit_per_s must be a positive number, got {rate!r}")
         if not isinstance(burst, int) or burst < 0 or not isinstance(priority, int):
             raise PlanError(f"{where}: burst must be an integer >= 0 and priority an integer")
@@ -166,8 +166,10 @@ def load_tenants(path: Path) -> tuple[str, list[Tenant]]:
         doc = yaml.safe_load(path.read_text())
     except OSError as e:
         raise PlanError(f"cannot read tenants file {path}: {e.strerror}") from e
+    except UnicodeDecodeError as e:
+        raise PlanError(f"{path} is not a text file (not UTF-8 at byte {e.start})") from e
     except yaml.YAMLError as e:
-        raise PlanError(f"{path} is not valid YAML: {e}") from e
+        raise PlanError(f"{path} is not valid YAML: {' '.join(str(e).split())}") from e
     return parse_tenants(doc)
 
 

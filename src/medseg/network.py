@@ -27,6 +27,7 @@ def build_network() -> Any:
         channels=net.channels,
         strides=net.strides,
         num_res_units=net.num_res_units,
+        norm=net.norm,
     ).eval()
 
 

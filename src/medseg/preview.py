@@ -2,7 +2,8 @@
 
 Panels: the axial slice through each listed tumor (up to three, else the liver's largest slice) and
 the coronal slice through the liver's centre, displayed in a soft-tissue window, resampled to square
-pixels, with each tumor's number drawn as in findings.json.
+pixels, with each tumor's number (and confidence) drawn as in findings.json; below them the study's status:
+what was reported or, in orange, why nothing was.
 """
 
 from __future__ import annotations
@@ -55,6 +56,12 @@ def _panel(rgb: np.ndarray, pixel_mm: tuple[float, float], title: str,
     return canvas
 
 
+def _mark(tumor: dict[str, Any]) -> str:
+    """A tumor's number as in findings.json, with its confidence where there is one."""
+    conf = tumor.get("confidence")
+    return f"{tumor['id']}" + ("" if conf is None else f" ({conf:.2f})")
+
+
 def render_preview(ct: np.ndarray, labels: np.ndarray, spacing: Sequence[float], findings: dict[str, Any]) -> Image.Image:
     """The montage for a canonical (z, y, x) study with z increasing towards the head."""
     sz, sy, sx = (float(s) for s in spacing)
@@ -67,16 +74,16 @@ def render_preview(ct: np.ndarray, labels: np.ndarray, spacing: Sequence[float],
         axial_slices = [int(np.argmax(per_slice))] if per_slice.any() else [ct.shape[0] // 2]
     panels = []
     for k, z in enumerate(axial_slices):
-        marks = [(t["centroid_voxel_zyx"][1], t["centroid_voxel_zyx"][2], str(t["id"]))
+        marks = [(t["centroid_voxel_zyx"][1], t["centroid_voxel_zyx"][2], _mark(t))
                  for t in findings.get("tumors", []) if abs(t["centroid_voxel_zyx"][0] - z) < 0.5 + 5.0 / sz]
         title = f"axial slice {z + 1}/{ct.shape[0]}" + (f" - tumor {tumors[k]['id']}" if tumors else "")
         panels.append(_panel(_overlay(ct[z], labels[z]), (sy, sx), title, marks))
     y = int(np.rint(np.argwhere(organ)[:, 1].mean())) if organ.any() else ct.shape[1] // 2
     coronal_ct, coronal_lab = ct[::-1, y, :], labels[::-1, y, :]  # head at the top
-    marks = [(ct.shape[0] - 1 - t["centroid_voxel_zyx"][0], t["centroid_voxel_zyx"][2], str(t["id"]))
+    marks = [(ct.shape[0] - 1 - t["centroid_voxel_zyx"][0], t["centroid_voxel_zyx"][2], _mark(t))
              for t in findings.get("tumors", [])]
     panels.append(_panel(_overlay(coronal_ct, coronal_lab), (sz, sx), f"coronal row {y + 1}/{ct.shape[1]}", marks))
-    legend_h = 22
+    legend_h = 40
     out = Image.new("RGB", (PANEL * len(panels), PANEL + 18 + legend_h), (0, 0, 0))
     for i, p in enumerate(panels):
         out.paste(p, (i * PANEL, 0))
@@ -90,6 +97,11 @@ def render_preview(ct: np.ndarray, labels: np.ndarray, spacing: Sequence[float],
         draw.text((x + 16, PANEL + 22), label.display, fill=(230, 230, 230))
         x += 16 + 8 * len(label.display) + 12
     draw.text((x + 10, PANEL + 22), text, fill=(230, 230, 230))
+    status = findings.get("status")
+    if status:  # what was decided, and why: in orange where nothing is reported
+        line = f"{'reported' if status['reported'] else 'NOTHING REPORTED'} ({status['code']}): {status['reason']}"
+        colour = (230, 230, 230) if status["reported"] else (255, 160, 40)
+        draw.text((4, PANEL + 40), line[: out.width // 6], fill=colour)
     return out
 
 

@@ -1,6 +1,7 @@
-"""Which model produced a result: name, version, spec version, weights and ONNX sha256.
+"""Which model produced a result (name, version, spec version, weights and ONNX sha256) and on what machine.
 
-The export step writes it beside the ONNX model; the postprocess model stamps it on every result.
+The export step writes it beside the ONNX model; the postprocess model stamps it on every result; reports of
+measurements name the CPU they ran on.
 """
 
 from __future__ import annotations
@@ -26,3 +27,14 @@ def read_provenance(model_repository: Path) -> dict[str, Any]:
         raise ArtifactError(f"{path} is missing: run `make artifacts` to export the model")
     data: dict[str, Any] = json.loads(path.read_text())
     return data
+
+
+def cpu_model() -> str:
+    """The CPU's model name as the kernel reports it ("" where it does not)."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return ""

@@ -88,11 +88,29 @@ class Network:
     num_res_units: int = 1
     in_channels: int = 1
     onnx_opset: int = 17
+    # batch norm: fixed statistics at inference, so a liver is segmented the same whatever else the field of view
+    # holds (instance norm's statistics over a whole study differ from a training patch's)
+    norm: str = "batch"
 
     @property
     def size_divisor(self) -> int:
         """Every spatial size fed to the network must be a multiple of this."""
         return math.prod(self.strides)
+
+
+@dataclass(frozen=True)
+class Plausibility:
+    """What a reported liver and its tumors must satisfy: nothing is reported where the scan cannot show it
+    (``medseg.anatomy``, ``medseg.lesions``, ``medseg.postprocess``)."""
+
+    liver_min_ml: float = 200.0  # less liver in view than this: not reported (not in view, or mostly cut off)
+    liver_max_ml: float = 5000.0  # an adult liver holds 1-2 L; severe hepatomegaly reaches 4-5 L
+    liver_hu: tuple[float, float] = (-30.0, 200.0)  # mean HU of the parenchyma (severe steatosis .. arterial/portal)
+    liver_min_right_fraction: float = 0.5  # of the organ on the patient's right of the trunk's midline
+    liver_min_confidence: float = 0.8  # mean probability of the predicted class over the organ
+    # operating point of the tumor confidence, chosen on held-out phantoms from the FROC curve:
+    # `python -m export.froc` writes it with its curve to export/weights/operating_point.json (a test holds them equal)
+    tumor_threshold: float = 0.862
 
 
 @dataclass(frozen=True)
@@ -114,11 +132,12 @@ class Spec:
     tile_overlap: int  # slices of overlap between tiles (multiple of the size divisor)
     min_tumor_volume_ml: float  # smaller tumor components are dropped as noise
     max_reported_tumors: int  # findings list the largest ones; the rest are counted
+    plausibility: Plausibility
     ensemble: ModelIO
     preprocess: ModelIO
     segmenter: ModelIO
     postprocess: ModelIO
-    version: str = "1.0.0"
+    version: str = "1.1.0"
     max_batch_size: int = 1
 
     @property
@@ -127,6 +146,10 @@ class Spec:
 
     def label(self, name: str) -> Label:
         return next(lab for lab in self.labels if lab.name == name)
+
+    @property
+    def tumor_threshold(self) -> float:
+        return self.plausibility.tumor_threshold
 
     @property
     def min_model_grid(self) -> tuple[int, int, int]:
@@ -165,6 +188,7 @@ def _build() -> Spec:
         tile_overlap=32,
         min_tumor_volume_ml=0.1,
         max_reported_tumors=50,
+        plausibility=Plausibility(),
         ensemble=ModelIO("ct_liver", 1, (ct, spacing), (labels_t, findings)),
         preprocess=ModelIO("ct_preprocess", 1, (ct, spacing), (image, grid)),
         segmenter=ModelIO("ct_segmenter", 1, (image,), (logits,)),

@@ -4,11 +4,18 @@ A study is held as an int16 HU volume on the canonical grid: array axes (z, y, x
 patient's left, y posterior, z superior (LPS), as the model was trained. ``Study.to_native`` maps a
 label volume back to the input file's own voxel order, so outputs share the input's grid and affine.
 Error messages name files and geometry, never patient identifiers.
+
+Anonymizers blank or drop attributes a series still needs (SOP class and instance UIDs, series, study and
+frame-of-reference UIDs, Modality): ``repair_headers`` fills them in from what the files still say, the same
+way for the reader and the SEG writer, and records each repair in ``Study.repairs``; what cannot be repaired
+is refused naming the file and the attribute.
 """
 
 from __future__ import annotations
 
 import json
+import os
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -43,6 +50,8 @@ class Study:
     slice_shifts: np.ndarray | None = None  # gantry tilt: per-slice in-plane offsets (rows, cols) undone on input
     series_uid: str = ""  # the DICOM series read
     note: str = ""  # how the series was chosen, for the user
+    dicom_headers: list[Any] = field(default_factory=list)  # repaired header (no pixels) of each dicom_files entry
+    repairs: list[str] = field(default_factory=list)  # what repair_headers filled in, for the user and findings
 
     def to_native(self, labels_zyx: np.ndarray) -> np.ndarray:
         """A (z, y, x) canonical label volume in the source's (i, j, k) voxel order."""
@@ -62,12 +71,17 @@ class Study:
         return [round(float(v), 2) for v in p[:3]]
 
 
-def _canonical(native: np.ndarray, affine_ras: np.ndarray, source: str, files: list[Path] | None = None) -> Study:
+def _canonical(native: np.ndarray, affine_ras: np.ndarray, source: str, files: list[Path] | None = None,
+               where: str = "") -> Study:
     """Reorient a native (i, j, k) volume with its RAS affine onto the canonical LPS grid."""
     import nibabel as nib
     from nibabel.orientations import apply_orientation, axcodes2ornt, inv_ornt_aff, io_orientation, ornt_transform
 
-    ornt = ornt_transform(io_orientation(affine_ras), axcodes2ornt(_LPS))
+    start = io_orientation(affine_ras)
+    if np.isnan(start).any():  # two voxel axes closest to one patient axis, or one too short to count
+        raise StudyError(f"{where or source}: the affine's voxel axes do not each point along their own patient "
+                         f"axis (voxel sizes {np.round(nib.affines.voxel_sizes(affine_ras), 4).tolist()} mm)")
+    ornt = ornt_transform(start, axcodes2ornt(_LPS))
     canon_xyz = apply_orientation(native, ornt)
     affine_canon_ras = affine_ras @ inv_ornt_aff(ornt, native.shape)
     zooms = nib.affines.voxel_sizes(affine_canon_ras)
@@ -86,23 +100,30 @@ def _to_hu_int16(data: np.ndarray, what: str) -> np.ndarray:
     return np.clip(data, HU_MIN, HU_MAX).astype(np.int16)
 
 
-def read_nifti(path: Path) -> Study:
-    """A CT NIfTI file (3-D, HU after scl_slope/inter) on the canonical grid."""
+def load_nifti_volume(path: Path, what: str = "CT volume") -> tuple[np.ndarray, Any]:
+    """(3-D voxel data after scl_slope/inter, the nibabel image) of a NIfTI file, or a StudyError naming the file
+    and what is wrong (a trailing 4th axis of length 1 is dropped)."""
     import nibabel as nib
 
     try:
         img: Any = nib.load(str(path))
         data = np.asanyarray(img.dataobj)
     except Exception as e:  # nibabel raises many types for broken files
-        raise StudyError(f"{path.name}: not a readable NIfTI file ({type(e).__name__}: {e})") from e
+        raise StudyError(f"{path.name}: not a readable NIfTI file ({type(e).__name__}: {' '.join(str(e).split())})") from e
     if data.ndim == 4 and data.shape[3] == 1:
         data = data[..., 0]
     if data.ndim != 3:
-        raise StudyError(f"{path.name}: expected a 3-D CT volume, got {data.ndim}-D data of shape {data.shape}")
+        raise StudyError(f"{path.name}: expected a 3-D {what}, got {data.ndim}-D data of shape {data.shape}")
+    return data, img
+
+
+def read_nifti(path: Path) -> Study:
+    """A CT NIfTI file (3-D, HU after scl_slope/inter) on the canonical grid."""
+    data, img = load_nifti_volume(path)
     affine = img.affine
     if affine is None or not np.isfinite(affine).all() or abs(np.linalg.det(affine[:3, :3])) < 1e-9:
         raise StudyError(f"{path.name}: the NIfTI affine is missing or singular")
-    return _canonical(_to_hu_int16(data, path.name), np.asarray(affine, np.float64), "nifti")
+    return _canonical(_to_hu_int16(data, path.name), np.asarray(affine, np.float64), "nifti", where=path.name)
 
 
 def _quiet_pydicom() -> None:
@@ -113,6 +134,11 @@ def _quiet_pydicom() -> None:
 
 
 MULTIFRAME_CT = {"1.2.840.10008.5.1.4.1.1.2.1", "1.2.840.10008.5.1.4.1.1.2.2"}  # Enhanced / Legacy Converted
+CT_SOP_CLASSES = {CT_IMAGE_STORAGE, *MULTIFRAME_CT}
+_SERIES_UIDS = ("FrameOfReferenceUID", "StudyInstanceUID", "SeriesInstanceUID")  # one value per series
+# Type 2 patient and study attributes a SEG copies from its source: an anonymizer may drop them altogether
+_COPIED_TYPE2 = ("PatientName", "PatientID", "PatientBirthDate", "PatientSex", "AccessionNumber", "StudyID",
+                 "StudyDate", "StudyTime", "ReferringPhysicianName")
 
 
 @dataclass
@@ -133,7 +159,169 @@ class Frame:
 
 
 def _is_multiframe(ds: Any) -> bool:
-    return str(ds.get("SOPClassUID", "")) in MULTIFRAME_CT
+    return sop_class(ds) in MULTIFRAME_CT
+
+
+def _text(ds: Any, keyword: str) -> str:
+    """An element's value as text, '' when the element is absent or empty."""
+    value = ds.get(keyword) if ds is not None else None
+    return "" if value is None else str(value).strip()
+
+
+def _from_meta(ds: Any, keyword: str) -> str:
+    return _text(getattr(ds, "file_meta", None), keyword)
+
+
+_META_UIDS = {"SOPClassUID": "MediaStorageSOPClassUID", "SOPInstanceUID": "MediaStorageSOPInstanceUID"}
+_UID = re.compile(r"[0-9]+(\.[0-9]+)*")
+
+
+def _usable(keyword: str, value: str) -> bool:
+    """A SOP class UID pydicom knows as a SOP class; a SOP instance UID of digits and dots (leading zeros, which
+    old scanners write, allowed), at most 64 characters."""
+    if keyword == "SOPClassUID":
+        from pydicom.uid import UID
+
+        return UID(value).type == "SOP Class"
+    return len(value) <= 64 and _UID.fullmatch(value) is not None
+
+
+def _sop_uid(ds: Any, keyword: str) -> tuple[str, str]:
+    """A file's SOPClassUID or SOPInstanceUID and where it comes from: state "" (the dataset's own), "meta"
+    (the dataset's is blank or damaged, the file meta's is used) or "unusable" (neither is usable)."""
+    own = _text(ds, keyword)
+    if own and _usable(keyword, own):
+        return own, ""
+    meta = _from_meta(ds, _META_UIDS[keyword])
+    if meta and _usable(keyword, meta):
+        return meta, "meta"
+    return own, "unusable"
+
+
+def sop_class(ds: Any) -> str:
+    """The SOP class: the dataset's, or where an anonymizer blanked it (or it is damaged), the file meta's."""
+    return _sop_uid(ds, "SOPClassUID")[0]
+
+
+def _modality(ds: Any) -> str:
+    """Modality, or CT where it is blank and the SOP class is a CT one."""
+    return _text(ds, "Modality") or ("CT" if sop_class(ds) in CT_SOP_CLASSES else "")
+
+
+def _is_localizer(ds: Any) -> bool:
+    """ImageType says LOCALIZER (a blank or missing ImageType does not)."""
+    value = ds.get("ImageType")
+    values = [value] if isinstance(value, str) else list(value or [])
+    return "LOCALIZER" in [str(v).strip().upper() for v in values]
+
+
+def _derived_uid(keyword: str, *sources: str) -> str:
+    """A UID for a blank ``keyword``, derived from stable values the files still carry: the same files,
+    the same UID, on every run and machine."""
+    from pydicom.uid import generate_uid
+
+    return str(generate_uid(entropy_srcs=[f"medseg-derived-{keyword}", *sources]))
+
+
+def _most_common(values: list[str]) -> str:
+    """The value most files carry (ties: the first in sorted order)."""
+    return max(sorted(set(values)), key=values.count)
+
+
+def _series_instance_uids(headers: list[tuple[Path, Any]]) -> list[str]:
+    return sorted(_sop_uid(ds, "SOPInstanceUID")[0] for _, ds in headers)
+
+
+def _derived_series_uid(headers: list[tuple[Path, Any]]) -> str:
+    """The SeriesInstanceUID of files whose series UID is blank: from their sorted SOP instance UIDs."""
+    return _derived_uid("SeriesInstanceUID", *_series_instance_uids(headers))
+
+
+def repair_headers(headers: list[tuple[Path, Any]]) -> list[str]:
+    """Fill in, in place, what an anonymizer left blank in one series' headers, from what the files still
+    say; returns the repairs made (one line per kind, with its count of files), never values.
+
+    - SOPClassUID / SOPInstanceUID blank or missing (or damaged: not a known SOP class / not a UID): the
+      file meta's MediaStorageSOPClassUID / MediaStorageSOPInstanceUID; where that is not usable either,
+      a StudyError naming the file and the attribute;
+    - two files with one SOPInstanceUID: refused, naming both;
+    - Modality blank and a CT SOP class: CT;
+    - FrameOfReferenceUID, StudyInstanceUID, SeriesInstanceUID blank: the value the series' other files carry,
+      else a UID derived from the series' sorted SOP instance UIDs (the study's from the frame of reference
+      UID, so the series of one acquisition share it): the same files always get the same UIDs. Files of the
+      series that carry different values are refused, naming the first that differs (a SEG has one study
+      and one frame of reference);
+    - patient and study attributes a SEG copies (type 2) missing altogether: added empty.
+
+    The reader calls it on the series it reads, the SEG writer on its sources: both see the same headers.
+    Already repaired headers are left as they are.
+    """
+    counts: dict[str, int] = {}
+
+    def noted(what: str, n: int = 1) -> None:
+        counts[what] = counts.get(what, 0) + n
+
+    seen: dict[str, Path] = {}
+    carried: dict[str, list[str]] = {keyword: [] for keyword in _SERIES_UIDS}
+    for path, ds in headers:
+        try:
+            for keyword, meta_keyword in _META_UIDS.items():
+                own = _text(ds, keyword)
+                value, state = _sop_uid(ds, keyword)
+                if state == "":
+                    continue
+                if state == "unusable":
+                    what = "a known SOP class" if keyword == "SOPClassUID" else "a valid UID"
+                    if own:
+                        problem = f"is not {what}, nor is the file meta's {meta_keyword}"
+                    elif _from_meta(ds, meta_keyword):
+                        problem = f"is blank and the file meta's {meta_keyword} is not {what}"
+                    else:
+                        problem = f"is blank and the file meta has no {meta_keyword} to take it from"
+                    raise StudyError(f"{path.name}: {keyword} {problem}")
+                setattr(ds, keyword, value)
+                noted(f"{keyword} {'damaged, ' if own else ''}taken from the file meta")
+            if not _text(ds, "Modality") and _text(ds, "SOPClassUID") in CT_SOP_CLASSES:
+                ds.Modality = "CT"
+                noted("Modality set to CT from the SOP class")
+            for keyword in _COPIED_TYPE2:
+                if keyword not in ds:
+                    setattr(ds, keyword, "")
+                    noted(f"{keyword} missing, added empty")
+            for keyword in _SERIES_UIDS:
+                carried[keyword].append(_text(ds, keyword))
+            uid = _text(ds, "SOPInstanceUID")
+        except StudyError:
+            raise
+        except Exception as e:  # pydicom decodes elements lazily: a damaged one raises on access
+            raise StudyError(f"{path.name}: DICOM header could not be decoded ({type(e).__name__})") from e
+        if uid in seen:
+            raise StudyError(f"{path.name}: SOPInstanceUID is the same as {seen[uid].name}'s: two files claim one "
+                             "instance")
+        seen[uid] = path
+    for keyword in _SERIES_UIDS:  # frame of reference first: a derived study UID comes from it
+        values = carried[keyword]
+        present = [v for v in values if v]
+        if len(set(present)) > 1:
+            common = _most_common(present)
+            k = next(k for k, v in enumerate(values) if v and v != common)
+            raise StudyError(f"{headers[k][0].name}: {keyword} differs from the one the series' other files carry")
+        blank = [k for k, v in enumerate(values) if not v]
+        if not blank:
+            continue
+        if present:
+            value = present[0]
+            noted(f"{keyword} blank, taken from the series' other files", len(blank))
+        elif keyword == "StudyInstanceUID":  # one frame of reference, one study: the series of a study agree
+            value = _derived_uid(keyword, carried["FrameOfReferenceUID"][0])
+            noted(f"{keyword} blank, derived from the frame of reference UID", len(blank))
+        else:
+            value = _derived_uid(keyword, *sorted(seen))
+            noted(f"{keyword} blank, derived from the series' SOP instance UIDs", len(blank))
+        for k in blank:
+            setattr(headers[k][1], keyword, value)
+            values[k] = value
+    return [f"{what} ({n} file{'s' if n != 1 else ''})" for what, n in counts.items()]
 
 
 def _floats(value: Any, n: int, what: str, where: str) -> np.ndarray:
@@ -182,28 +370,38 @@ def _frames_of(path: Path, ds: Any) -> list[Frame]:
 
 
 def _scan(files: list[Path]) -> dict[str, list[tuple[Path, Any]]]:
-    """CT image files by SeriesInstanceUID; localizers and non-CT objects left out."""
+    """CT image files by SeriesInstanceUID; localizers and non-CT objects left out. Files whose series UID
+    is blank form one series, under the UID ``repair_headers`` derives for them."""
     import pydicom
 
     series: dict[str, list[tuple[Path, Any]]] = {}
     for p in files:
         try:
             ds = pydicom.dcmread(p, defer_size=4096)  # header now, pixel data when needed
+        except OSError as e:
+            if e.errno is not None:  # unreadable (permissions, I/O): say so rather than pass it over as not DICOM
+                raise StudyError(f"{p.name}: cannot be read ({e.strerror})") from e
+            if claims_dicom(p):  # pydicom raises a bare OSError on some damaged files
+                raise StudyError(f"{p.name}: DICOM file could not be parsed ({type(e).__name__})") from e
+            continue
         except Exception as e:
-            if _claims_dicom(p):
+            if claims_dicom(p):
                 raise StudyError(f"{p.name}: DICOM file could not be parsed ({type(e).__name__})") from e
             continue  # not DICOM: other files may sit beside a series
         try:
-            if "PixelData" not in ds or str(ds.get("Modality", "")) != "CT":
+            if "PixelData" not in ds or _modality(ds) != "CT":
                 continue
             if "ImagePositionPatient" not in ds and not _is_multiframe(ds):
                 continue
-            if "LOCALIZER" in [str(v).upper() for v in ds.get("ImageType", [])]:
+            if _is_localizer(ds):
                 continue
-            uid = str(ds.get("SeriesInstanceUID", ""))
+            uid = _text(ds, "SeriesInstanceUID")
         except Exception as e:  # pydicom decodes elements lazily: a damaged one raises on access
             raise StudyError(f"{p.name}: DICOM header could not be decoded ({type(e).__name__})") from e
         series.setdefault(uid, []).append((p, ds))
+    if "" in series:
+        blank = series.pop("")
+        series.setdefault(_derived_series_uid(blank), []).extend(blank)
     return series
 
 
@@ -226,6 +424,7 @@ def read_dicom_series(folder: Path, series_uid: str | None = None) -> Study:
     else:
         chosen = max(series, key=lambda uid: len(series[uid]))
     frames: list[Frame] = []
+    repairs = repair_headers(series[chosen])
     for p, ds in series[chosen]:
         try:
             frames.extend(_frames_of(p, ds))
@@ -257,6 +456,9 @@ def read_dicom_series(folder: Path, series_uid: str | None = None) -> Study:
     decoded: dict[Path, np.ndarray] = {}
     for k, f in enumerate(frames):
         volume[k] = _frame_hu(f, rows, cols, decoded)
+    for f in frames:  # the volume holds the pixels; the headers stay for the SEG
+        if "PixelData" in f.ds:
+            del f.ds.PixelData
     shifts = tilt_shifts(frames, (dr, dc)) if tilt > MIN_TILT_DEG else None
     if shifts is not None:
         volume = untilt(volume, shifts)
@@ -267,8 +469,9 @@ def read_dicom_series(folder: Path, series_uid: str | None = None) -> Study:
     lps[:3, 2] = normal * dz
     lps[:3, 3] = frames[0].ipp
     native = volume.transpose(2, 1, 0)  # (i=column, j=row, k=slice)
-    study = _canonical(native, _RAS_FROM_LPS @ lps, "dicom", [f.path for f in frames])
+    study = _canonical(native, _RAS_FROM_LPS @ lps, "dicom", [f.path for f in frames], where=str(folder))
     study.frame_indices = [f.index for f in frames]
+    study.dicom_headers, study.repairs = [f.ds for f in frames], repairs
     if shifts is not None:  # outputs go back onto the tilted slices: a sheared affine
         sheared = lps.copy()
         sheared[:3, 2] = (frames[-1].ipp - frames[0].ipp) / (len(frames) - 1)
@@ -446,7 +649,7 @@ def _rescale(item: Any, where: str) -> tuple[float, float]:
         raise StudyError(f"{where}: RescaleSlope/RescaleIntercept are not numbers") from e
 
 
-def _claims_dicom(path: Path) -> bool:
+def claims_dicom(path: Path) -> bool:
     """True if the file has the DICOM Part 10 marker: then failing to parse it is an error, not noise."""
     try:
         with open(path, "rb") as f:
@@ -461,9 +664,15 @@ def read_study(path: Path, series_uid: str | None = None) -> Study:
     if not path.exists():
         raise StudyError(f"{path}: no such file or folder")
     if path.is_dir():
+        if not os.access(path, os.R_OK | os.X_OK):
+            raise StudyError(f"{path}: the folder cannot be read (permission denied)")
         return read_dicom_series(path, series_uid)
+    if not path.is_file():  # a pipe or a device would block or never end
+        raise StudyError(f"{path}: not a regular file or a folder")
     if path.name.endswith((".nii", ".nii.gz")):
         return read_nifti(path)
+    if claims_dicom(path):
+        raise StudyError(f"{path.name}: a single DICOM file; pass the folder that holds its series")
     raise StudyError(f"{path.name}: expected a DICOM series folder or a .nii/.nii.gz file")
 
 

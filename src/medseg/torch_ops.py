@@ -1,10 +1,10 @@
 """The preprocessing and postprocessing math in PyTorch, for GPU flavors (any torch device).
 
 Same centred-grid convention as ``medseg.preprocess`` (whose coordinate functions it reuses), so a
-GPU flavor agrees with DALI and with the numpy reference; tested against both. Connected components
-run on a CUDA device by label propagation in PyTorch (no CuPy: its releases for CUDA 13 need numpy 2,
-which the python backend's stub cannot read) and in scipy on the CPU; only the uint8 labels leave the
-device, and the findings are measured from them by ``medseg.postprocess``.
+GPU flavor agrees with DALI and with the numpy reference; tested against both. In the postprocessing the
+argmax, the probabilities and the labels' way back to the study's grid stay on the device; the judging
+(``medseg.postprocess.judge``: regions, plausibility, connected components, lesion checks) runs on the host
+on the small model grid, and the findings are measured from the uint8 labels by ``medseg.postprocess``.
 """
 
 from __future__ import annotations
@@ -75,75 +75,22 @@ def logits_to_labels(logits: Any, grid: Sequence[int]) -> Any:
     return logits[:, :z, :y, :x].argmax(dim=0).to(torch.uint8)
 
 
-MAX_PASSES = 4096  # propagation passes on the device before a (maze-like) mask is finished on the host
-CHECK_EVERY = 16  # passes between convergence checks (each check waits for the device)
+def softmax_box(logits: Any, box: tuple[slice, slice, slice]) -> tuple[np.ndarray, np.ndarray]:
+    """(tumor probability, probability of the predicted class) of (C, Z, Y, X) logits inside ``box``, computed on
+    the device, returned to the host (float32): only the organ's box travels."""
+    p = logits[(slice(None), *box)].float().softmax(dim=0)
+    return p[SPEC.label("liver_tumor").value].cpu().numpy(), p.max(dim=0).values.cpu().numpy()
 
 
-def _components_on_device(mask: Any, max_passes: int = MAX_PASSES) -> Any | None:
-    """26-connected component ids of a boolean tensor on its own device, by propagating the smallest voxel
-    index through 3x3x3 neighbourhoods until nothing changes: a component's id is its first voxel in raster
-    order plus one, the order scipy numbers them in. None if ``max_passes`` did not settle it (the passes
-    needed grow with a component's longest path)."""
-    import torch
-    import torch.nn.functional as F
-
-    dtype = torch.float32 if mask.numel() < 1 << 24 else torch.float64  # voxel indices held exactly
-    index = torch.arange(1, mask.numel() + 1, device=mask.device, dtype=dtype).reshape(1, 1, *mask.shape)
-    fg = mask[None, None]
-    neg = torch.where(fg, -index, torch.full_like(index, float("-inf")))  # max pooling of -id: the smallest id
-    for _ in range(0, max_passes, CHECK_EVERY):
-        before = neg
-        for _ in range(CHECK_EVERY):
-            neg = torch.where(fg, F.max_pool3d(neg, 3, stride=1, padding=1), neg)
-        if torch.equal(neg, before):
-            return torch.where(fg, -neg, torch.zeros_like(neg))[0, 0].to(torch.int64)
-    return None
-
-
-def _components(mask: Any) -> Any:
-    """26-connected component ids (int64, 0 = background, numbered in raster order of their first voxel):
-    on a CUDA device by propagation in PyTorch, with scipy on the host (CPU tensors, or a mask too
-    convoluted to settle on the device)."""
+def postprocess(logits: Any, grid: Sequence[int], ct: np.ndarray, spacing: Sequence[float]) -> tuple[np.ndarray, Any]:
+    """The postprocessing with the heavy arrays on the device: argmax and the probabilities there, the judging
+    (``medseg.postprocess.judge``, on the small model grid) on the host, labels back onto the study's grid on
+    the device; returns (uint8 labels on the study's grid on the host, the verdict)."""
     import torch
 
-    if mask.device.type == "cuda":
-        box = _bounding_box(mask)
-        if box is None:
-            return torch.zeros(mask.shape, dtype=torch.int64, device=mask.device)
-        inner = _components_on_device(mask[box])
-        if inner is not None:
-            comp = torch.zeros(mask.shape, dtype=torch.int64, device=mask.device)
-            comp[box] = inner
-            return comp
-    from scipy import ndimage
+    from medseg.postprocess import ModelGridHU, judge
 
-    comp, _ = ndimage.label(mask.cpu().numpy(), structure=np.ones((3, 3, 3), bool))
-    return torch.from_numpy(comp.astype(np.int64)).to(mask.device)
-
-
-def _bounding_box(mask: Any) -> tuple[slice, ...] | None:
-    """The smallest box holding every True voxel of a 3-D tensor (None if there is none)."""
-    box = []
-    for axis in range(3):
-        hit = mask.any(dim=tuple(a for a in range(3) if a != axis)).nonzero()
-        if hit.numel() == 0:
-            return None
-        box.append(slice(int(hit[0]), int(hit[-1]) + 1))
-    return tuple(box)
-
-
-def keep_liver_and_its_tumors(labels: Any) -> Any:
-    """Keep the largest connected organ (liver + tumor voxels), as ``medseg.postprocess`` does, on the device
-    (a tie goes to the component met first in raster order, as there)."""
-    import torch
-
-    comp = _components(labels > 0)
-    ids, sizes = torch.unique(comp[comp > 0], sorted=True, return_counts=True)
-    if ids.numel() == 0:
-        return torch.zeros_like(labels)
-    return torch.where(comp == ids[sizes.argmax()], labels, torch.zeros_like(labels))
-
-
-def labels_on_input_grid(logits: Any, grid: Sequence[int], input_shape: Sequence[int], spacing: Sequence[float]) -> Any:
-    """The device half of the postprocessing: clean uint8 labels on the study's grid, still on the device."""
-    return to_input_grid(keep_liver_and_its_tumors(logits_to_labels(logits, grid)), input_shape, spacing)
+    labels = logits_to_labels(logits, grid).cpu().numpy()
+    verdict = judge(labels, ModelGridHU(ct, spacing, grid), lambda box: softmax_box(logits, box))
+    full = to_input_grid(torch.from_numpy(verdict.labels).to(logits.device), ct.shape, spacing)
+    return full.cpu().numpy(), verdict
