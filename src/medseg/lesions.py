@@ -59,10 +59,12 @@ def _box(mask_box: tuple[slice, ...], pad: tuple[int, ...], shape: tuple[int, ..
     return tuple(slice(max(s.start - p, 0), min(s.stop + p, n)) for s, p, n in zip(mask_box, pad, shape, strict=True))
 
 
-def _ball(radius_mm: float, spacing: tuple[float, float, float]) -> np.ndarray:
-    r = [int(np.ceil(radius_mm / s)) for s in spacing]
-    zz, yy, xx = np.ogrid[-r[0] : r[0] + 1, -r[1] : r[1] + 1, -r[2] : r[2] + 1]
-    return (zz * spacing[0]) ** 2 + (yy * spacing[1]) ** 2 + (xx * spacing[2]) ** 2 <= radius_mm**2 + 1e-6
+_EPS_MM = 1e-6
+
+
+def _mm_to_nearest(away: np.ndarray, spacing: tuple[float, float, float]) -> np.ndarray:
+    """Per voxel, the distance in mm to the nearest voxel where ``away`` is False (0 there)."""
+    return np.asarray(ndimage.distance_transform_edt(away, sampling=spacing))
 
 
 def judge_candidates(labels: np.ndarray, p_tumor: np.ndarray, hu: np.ndarray,
@@ -77,9 +79,6 @@ def judge_candidates(labels: np.ndarray, p_tumor: np.ndarray, hu: np.ndarray,
         return comp, []
     sizes = np.bincount(comp.ravel(), minlength=n + 1)
     organ = labels > 0
-    outside_near = _ball(SURFACE_MM, spacing)
-    ring_outer = _ball(RING_MM[1], spacing)
-    ring_inner = _ball(RING_MM[0], spacing)
     pad = tuple(int(np.ceil(RING_MM[1] / s)) + 1 for s in spacing)
     out: list[Candidate] = []
     for i, obj in enumerate(ndimage.find_objects(comp), start=1):
@@ -91,13 +90,14 @@ def judge_candidates(labels: np.ndarray, p_tumor: np.ndarray, hu: np.ndarray,
         box = _box(obj, pad, comp.shape)
         m = comp[box] == i
         conf = float(p_tumor[box][m].mean())
-        # surface: candidate voxels within SURFACE_MM of a voxel outside the organ (the grid's edge counts as inside)
-        outside = ~organ[box]
-        near_outside = ndimage.binary_dilation(outside, outside_near) if outside.any() else outside
-        surface = float(near_outside[m].mean())
+        # surface: candidate voxels within SURFACE_MM of a voxel outside the organ (the grid's edge counts as inside);
+        # distances in mm from Euclidean distance transforms (what dilating by a ball gives, at a fraction of the cost)
+        inside = organ[box]
+        surface = float((_mm_to_nearest(inside, spacing)[m] <= SURFACE_MM + _EPS_MM).mean()) if not inside.all() else 0.0
         radius = float(ndimage.distance_transform_edt(np.pad(m, 1), sampling=spacing).max())
         length = float(max((s.stop - s.start) * sp for s, sp in zip(obj, spacing, strict=True)))
-        ring = ndimage.binary_dilation(m, ring_outer) & ~ndimage.binary_dilation(m, ring_inner) & (labels[box] == LIVER)
+        to_candidate = _mm_to_nearest(~m, spacing)
+        ring = (to_candidate > RING_MM[0] + _EPS_MM) & (to_candidate <= RING_MM[1] + _EPS_MM) & (labels[box] == LIVER)
         contrast = float(hu[box][m].mean() - np.median(hu[box][ring])) if ring.sum() >= 20 else None
         reason, rejected_by = None, None
         elongation = length / (2 * radius)
