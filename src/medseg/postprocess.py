@@ -270,11 +270,13 @@ def judge(labels: np.ndarray, hu: ModelGridHU | np.ndarray,
     zs = np.flatnonzero(keep.any(axis=(1, 2)))
     cut = {(True, True): "both", (True, False): "bottom", (False, True): "top", (False, False): "none"}[
         (bool(zs[0] == 0), bool(zs[-1] == labels.shape[0] - 1))]
+    where = {"both": "at both ends of the scan", "bottom": "at the scan's lower (feet) end",
+             "top": "at the scan's upper (head) end", "none": ""}[cut]
     liver = {"volume_in_view_ml": round(liver_ml, 1), "cut_off": cut}
     details["liver"] = liver
     if liver_ml < rules.liver_min_ml:
         if cut != "none":
-            return Verdict(empty, _status(MOSTLY_OUT, f"only {liver_ml:.0f} mL of liver at the scan's {cut} edge: "
+            return Verdict(empty, _status(MOSTLY_OUT, f"only {liver_ml:.0f} mL of liver, cut off {where}: "
                                                       "the liver is mostly outside the scanned range", **details))
         return Verdict(empty, _status(NOT_IN_VIEW, f"the only liver-like structure holds {liver_ml:.0f} mL "
                                                    f"(a liver in view holds at least {rules.liver_min_ml:.0f} mL)",
@@ -311,7 +313,7 @@ def judge(labels: np.ndarray, hu: ModelGridHU | np.ndarray,
     comp_box, candidates = judge_candidates(kept, p_tumor, hu_box)
     out = empty.copy()
     out[box] = apply_verdicts(kept, comp_box, candidates)
-    reason = "liver in view" + ("" if cut == "none" else f", cut off at the scan's {cut} edge (volume is partial)")
+    reason = "liver in view" + ("" if cut == "none" else f", cut off {where} (volume is partial)")
     return Verdict(out, _status(OK, reason, **details), candidates, comp_box, box)  # type: ignore[arg-type]
 
 
