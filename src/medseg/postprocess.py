@@ -20,7 +20,7 @@ from scipy import ndimage
 
 from medseg.anatomy import not_a_ct, scan_regions
 from medseg.lesions import Candidate, apply_verdicts, judge_candidates
-from medseg.preprocess import source_coordinates, target_indices
+from medseg.preprocess import source_coordinate, source_coordinates, target_indices
 from medseg.spec import SPEC
 
 LIVER = SPEC.label("liver").value
@@ -344,10 +344,10 @@ def _candidates_document(verdict: Verdict, input_shape: Sequence[int], spacing: 
     """Every tumor candidate (reported or not) with its confidence and centroid on the study's grid: what a FROC
     curve is drawn from."""
     out = []
+    box_start = [s.start for s in verdict.box] if verdict.box else [0, 0, 0]
     for c in verdict.candidates:
-        box_start = [s.start for s in verdict.box] if verdict.box else [0, 0, 0]
-        study = [float((input_shape[a] - grid[a] * SPEC.model_spacing[a] / spacing[a]) / 2
-                       + (c.centroid_zyx[a] + box_start[a] + 0.5) * SPEC.model_spacing[a] / spacing[a] - 0.5)
+        study = [float(source_coordinate(c.centroid_zyx[a] + box_start[a], int(grid[a]),
+                                         SPEC.model_spacing[a] / float(spacing[a]), int(input_shape[a])))
                  for a in range(3)]
         out.append({"volume_ml": round(c.volume_ml, 3), "confidence": round(c.confidence, 3),
                     "centroid_voxel_zyx": [round(v, 2) for v in study], "reported": c.reported,

@@ -10,6 +10,7 @@ input index (n_in - n_out * m / s) / 2 + (i + 0.5) * m / s - 0.5.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Any
 
 import numpy as np
 
@@ -25,10 +26,15 @@ def window(hu: np.ndarray) -> np.ndarray:
     return out
 
 
+def source_coordinate(position: Any, n_out: int, scale: float, n_in: int) -> Any:
+    """The input-index coordinate of output-index ``position`` (a number or an array; fractional for a point
+    inside a voxel), the output grid centred on the input's ``n_in`` voxels and ``scale`` input voxels a step."""
+    return (n_in - n_out * scale) / 2.0 + (position + 0.5) * scale - 0.5
+
+
 def source_coordinates(n_out: int, scale: float, n_in: int) -> np.ndarray:
     """Input-index coordinates of the centres of ``n_out`` output voxels, ``scale`` input voxels apart."""
-    offset = (n_in - n_out * scale) / 2.0
-    coords = offset + (np.arange(n_out, dtype=np.float64) + 0.5) * scale - 0.5
+    coords = source_coordinate(np.arange(n_out, dtype=np.float64), n_out, scale, n_in)
     return np.clip(coords, 0.0, n_in - 1)
 
 
