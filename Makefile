@@ -31,6 +31,8 @@ $(PERF_ANALYZER): | $(STAMP)
 # taken from its source distribution on PyPI (sha256 pinned) into the git-ignored cache; only
 # tests/reference_files/ is kept. `make realct REALCT=/some/dir` fetches it elsewhere.
 REALCT ?= .cache/realct
+# the tests read the real CT where it was fetched
+PYTEST = MEDSEG_REALCT=$(abspath $(REALCT)) $(PY) -m pytest
 REALCT_SDIST := totalsegmentator-2.18.0.tar.gz
 REALCT_SHA256 := 5d4223ef93973bc36d710869d11e7742ead2c154c72f7f9edcaaadd5b6c4bd03
 realct: $(REALCT)/reference_files/.extracted-stamp
@@ -70,16 +72,16 @@ lint: $(STAMP)
 	$(PY) -m mypy
 
 test: $(STAMP) $(ONNX) sysdeps $(PERF_ANALYZER) realct lint
-	$(PY) -m pytest
+	$(PYTEST)
 
 test-unit: $(STAMP) sysdeps realct
-	$(PY) -m pytest -m "not server and not slow"
+	$(PYTEST) -m "not server and not slow"
 
 test-server: $(STAMP) $(ONNX) sysdeps $(PERF_ANALYZER) realct
-	$(PY) -m pytest -m server
+	$(PYTEST) -m server
 
 test-slow: $(STAMP) $(ONNX) realct
-	$(PY) -m pytest -m slow -o addopts="-ra"
+	$(PYTEST) -m slow -o addopts="-ra"
 
 # 30 minutes at 70% of the measured capacity (cpu flavor); figures to perf/results/soak/
 soak: $(STAMP) $(ONNX)

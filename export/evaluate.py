@@ -30,7 +30,6 @@ Exits 0 when it ran, whatever the figures (the table says which bars are met); 2
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import os
 import re
@@ -46,6 +45,7 @@ import numpy as np
 
 from medseg.errors import MedsegError
 from medseg.metrics import ACCEPTANCE
+from medseg.network import sha256_of
 from medseg.spec import REPO_ROOT
 
 if TYPE_CHECKING:
@@ -223,10 +223,6 @@ def build_realct(folder: Path, source: Path) -> dict[str, Any]:
                                                     f"{REALCT_DICOM_LABELS}'s liver"}}}
 
 
-def _sha256(path: Path) -> str:
-    return hashlib.sha256(path.read_bytes()).hexdigest()
-
-
 def data_keys(realct: Path) -> dict[str, dict[str, Any]]:
     """What each cached data set is made from: a cached set whose key differs is rebuilt."""
     from medseg.phantom import GENERATOR_VERSION
@@ -240,7 +236,7 @@ def data_keys(realct: Path) -> dict[str, dict[str, Any]]:
         "phantoms": {"layout": LAYOUT, "generator_version": GENERATOR_VERSION, "seeds": list(EVAL_SEEDS)},
         "negatives": {"layout": LAYOUT, "generator_version": GENERATOR_VERSION, "seed": NEGATIVE_SEED,
                       "regions": list(NEGATIVE_REGIONS), "noise_seed": NOISE_SEED},
-        "realct": {"layout": LAYOUT, "sha256": {str(p.relative_to(realct)): _sha256(p) for p in files}},
+        "realct": {"layout": LAYOUT, "sha256": {str(p.relative_to(realct)): sha256_of(p) for p in files}},
     }
 
 
@@ -314,14 +310,10 @@ def _nothing_reported(r: dict[str, Any]) -> bool:
     return not r["status"]["reported"] and not r["liver"]["false_liver"] and not r["tumors"]["reported"]
 
 
-def _cell(text: str) -> str:
-    return text.replace("|", "\\|")
-
-
 def block_lines(docs: dict[str, dict[str, Any]], data: dict[str, Any], machine: str) -> list[str]:
     """The accuracy block (markers included) of the metrics documents by set, their data sets' manifest and the
     machine's name: a row per figure with its bar, whether it is met (computed), its data, machine and date."""
-    from medseg_client.evaluate import SIZE_BINS
+    from medseg_client.evaluate import SIZE_BINS, _cell
 
     big_key = next(key for key, _, lo, _ in SIZE_BINS if lo == ACCEPTANCE.big_tumor_mm and key.startswith("ge_"))
     described = data.get("sets", {})

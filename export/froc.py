@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from medseg_client.evaluate import passed_checks
 from tqdm import tqdm
 
 from medseg.metrics import ACCEPTANCE, froc, locate_tumors, within_reach
@@ -38,16 +39,14 @@ NEGATIVE_CASES = [(3100 + i, r) for i, r in enumerate(("chest", "head", "pelvis"
 BIG = "ge_10mm"  # the sizes whose sensitivity sets the operating point (medseg.metrics.FROC_SIZES)
 
 
-def collect(seeds: list[int]) -> list[dict[str, Any]]:
+def collect(pipe: ReferencePipeline, seeds: list[int]) -> list[dict[str, Any]]:
     """Per phantom: its true tumors and the candidates that passed the shape and contrast checks (confidence,
     the true tumors each reaches), in the case shape of ``medseg.metrics.froc``."""
-    pipe = ReferencePipeline()
     cases = []
     for seed in tqdm(seeds, desc="held-out phantoms", unit="study"):
         ph = generate(seed)
         _, findings = pipe(ph.ct, ph.spacing)
-        eligible = [c for c in findings["tumor_candidates"] if c["reported"] or c["rejected_by"] == "confidence"]
-        located = locate_tumors([{**c, "id": k} for k, c in enumerate(eligible)], ph.affine_lps())
+        located = locate_tumors([c for c in findings["tumor_candidates"] if passed_checks(c)], ph.affine_lps())
         truth = [t.__dict__ for t in ph.tumors]
         reach = within_reach(truth, located)
         cases.append({"seed": seed, "truth_mm": [t["diameter_mm"] for t in truth],
@@ -59,10 +58,9 @@ def collect(seeds: list[int]) -> list[dict[str, Any]]:
     return cases
 
 
-def negatives_confidence(cases: list[tuple[int, str]]) -> list[dict[str, Any]]:
+def negatives_confidence(pipe: ReferencePipeline, cases: list[tuple[int, str]]) -> list[dict[str, Any]]:
     """Per scan without a liver in view: its status and, where a "liver" got as far as the confidence check,
     the network's confidence in it (what ``Plausibility.liver_min_confidence`` must stay above)."""
-    pipe = ReferencePipeline()
     out = []
     for seed, region in tqdm(cases, desc="scans without a liver", unit="study"):
         ph = generate(seed, region=region)
@@ -109,11 +107,12 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--out", type=Path, default=OPERATING_POINT)
     ap.add_argument("--plot", type=Path, default=None, help="also draw the curve into this PNG")
     args = ap.parse_args(argv)
-    cases = collect(args.seeds)
+    pipe = ReferencePipeline()
+    cases = collect(pipe, args.seeds)
     curve = froc(cases)
     point = choose(curve, args.max_fp_per_scan)
     confidences = [c["liver_confidence"] for c in cases if c["liver_confidence"] is not None]
-    negatives = negatives_confidence(NEGATIVE_CASES)
+    negatives = negatives_confidence(pipe, NEGATIVE_CASES)
     record = {"tumor_threshold": round(point["threshold"], 3), "sensitivity_10mm": point["sensitivity"][BIG],
               "fp_per_scan": round(point["false_per_scan"], 3), "max_fp_per_scan": args.max_fp_per_scan,
               "seeds": args.seeds, "weights_sha256": weights_info().sha256,

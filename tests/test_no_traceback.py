@@ -258,8 +258,10 @@ def test_evaluate_refuses_bad_arguments_and_data_in_one_line(cli: Any, tmp_path:
     cases = [[str(data), "--label-map", "garbage", *out], [str(data), "--label-map", "liver=0", *out],
              [str(data), "--limit", "0", *out], [str(data), "--ignore-label", "0", *out], [str(tmp_path / "none"), *out],
              [str(realct.path(realct.MR)), *out], [str(tmp_path / "empty"), *out], [str(data), "--out", "/dev/null/x"],
-             [str(data), "--limit", "x", *out], [str(data), *out]]  # the last: no server there
+             [str(data), "--limit", "x", *out], *([str(data), "--timeout", t, *out] for t in ("0", "-1", "nan")),
+             [str(data), *out]]  # the last: no server there
     runs = [cli("evaluate", "-u", UNREACHABLE, "--timeout", "2", *argv) for argv in cases]
+    assert all("expected a positive number of seconds" in r.err for r in runs[-4:-1])
     assert_clean(runs)
     assert {r.code for r in runs} == {2}
     assert not (tmp_path / "report").exists()

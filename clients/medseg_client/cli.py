@@ -33,7 +33,7 @@ import warnings
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, NoReturn
 
-from medseg.errors import MedsegError
+from medseg.errors import MedsegError, one_line
 from medseg.spec import SPEC
 
 if TYPE_CHECKING:
@@ -282,7 +282,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "(SEG: by segment descriptions); without tumor= tumors count as not annotated")
     p.add_argument("--ignore-label", type=int, default=None, help="label value left out of every voxel measure")
     p.add_argument("--limit", type=int, default=None, help="evaluate the first N cases only")
-    p.add_argument("--timeout", type=float, default=300.0, help="seconds for each study's request")
+    p.add_argument("--timeout", type=_seconds, default=300.0, help="seconds for each study's request")
     p.add_argument("--tls-ca", type=Path, default=None, help="connect over TLS, verifying the server with this CA (PEM)")
     p.add_argument("--tenant-key", default=os.environ.get("MEDSEG_TENANT_KEY"),
                    help="the tenant's key for a medseg gateway (default: $MEDSEG_TENANT_KEY)")
@@ -323,11 +323,6 @@ def write_log(command: str, text: str) -> Path:
     raise FileExistsError(f"{folder}: no free log file name for {stem}")
 
 
-def _one_line(text: str) -> str:
-    line = " ".join(text.split())
-    return line if len(line) <= MAX_LINE else line[: MAX_LINE - 3] + "..."
-
-
 def _expected_error(command: str, e: BaseException) -> str:
     """The one line of an expected error. A message of several lines is joined when short; when long (a server's
     startup log) its first line is kept and the whole goes to a log file."""
@@ -348,13 +343,13 @@ def _expected_error(command: str, e: BaseException) -> str:
 
 def _internal_error(command: str, e: BaseException) -> str:
     """The one line of an internal error; its traceback goes to a new log file."""
-    head = f"medseg {command}: internal error ({type(e).__name__})" + (f": {_one_line(str(e))}" if str(e).strip() else "")
+    head = f"medseg {command}: internal error ({type(e).__name__})" + (f": {one_line(str(e), MAX_LINE)}" if str(e).strip() else "")
     try:
         path = write_log(command, f"medseg {command}: internal error at {time.strftime('%Y-%m-%d %H:%M:%S %z')}, "
                                   f"medseg {SPEC.version}, Python {sys.version.split()[0]}\n\n"
                                   + "".join(traceback.format_exception(e)))
     except OSError as log_error:
-        return f"{head}; no log written ({_one_line(log_error.strerror or str(log_error))})"
+        return f"{head}; no log written ({one_line(log_error.strerror or str(log_error), MAX_LINE)})"
     return f"{head}; details in {path}"
 
 

@@ -48,7 +48,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 from scipy import ndimage
 
-from medseg.errors import MedsegError, StudyError
+from medseg.errors import MedsegError, StudyError, one_line
 from medseg.metrics import FROC_SIZES, dice, froc, froc_point, locate_tumors, match_tumors, within_reach
 from medseg.spec import SPEC
 
@@ -800,8 +800,7 @@ def machine() -> dict[str, Any]:
 
 
 def _one_line(e: BaseException) -> str:
-    line = " ".join((str(e) or type(e).__name__).split())
-    return line if len(line) <= 300 else line[:297] + "..."
+    return one_line(str(e) or type(e).__name__)
 
 
 def _safe_name(name: str) -> str:

@@ -17,3 +17,9 @@ class ServerError(MedsegError):
 
 class ArtifactError(MedsegError):
     """A generated artifact (weights, ONNX, engine, config) is missing or fails its check."""
+
+
+def one_line(text: str, limit: int = 300) -> str:
+    """``text`` on one line (its whitespace runs joined), cut to ``limit`` characters: what an error line quotes."""
+    line = " ".join(text.split())
+    return line if len(line) <= limit else line[: limit - 3] + "..."
