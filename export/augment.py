@@ -1,9 +1,14 @@
-"""Lesion synthesis for training: random hypodense tumors painted into the liver of a patch.
+"""Training augmentations of our own: synthetic tumors, and scans that end inside the liver.
 
-The phantom data hold only a few dozen distinct tumors; without this the network memorises them.
+Lesion synthesis: the phantom data hold only a few dozen distinct tumors; without it the network memorises them.
 Tumors follow the phantom's own model: ellipsoids of 5-40 mm, 25-60 HU darker than the liver
 around them, a soft partial-volume edge and some noise, labelled as tumor only inside the liver.
-Works on preprocessed patches (windowed intensities on the model grid).
+
+Scan ends: real scans often stop inside the liver (its dome above an abdominal scan, its tip below a chest
+scan); past the last slice the network sees the padding, never a body. Phantoms hold the whole body, so without
+this the network reads the padding as the body's end and under-segments the liver next to it.
+
+Both work on preprocessed patches (windowed intensities on the model grid).
 """
 
 from __future__ import annotations
@@ -12,6 +17,7 @@ from typing import Any
 
 import numpy as np
 
+from medseg.preprocess import PAD_VALUE
 from medseg.spec import SPEC
 
 LIVER = SPEC.label("liver").value
@@ -58,4 +64,35 @@ class RandSyntheticTumord:
         labels = np.array(data["label"], copy=True)
         for _ in range(int(self.rng.integers(1, 4))):
             paint_tumor(image, labels, self.rng)
+        return {**data, "image": image, "label": labels}
+
+
+def end_scan(image: np.ndarray, labels: np.ndarray, rng: np.random.Generator) -> bool:
+    """End the scan of (1, Z, Y, X) ``image``/``labels`` in place at an axial plane through the liver, towards
+    either end: past it the image becomes the preprocessing's padding and the labels background, as served.
+    False if the patch has too little liver along z to cut."""
+    slices = np.flatnonzero((labels[0] > 0).any(axis=(1, 2)))
+    if len(slices) < 4:
+        return False
+    cut = int(rng.integers(slices[0] + 1, slices[-1]))
+    gone = np.s_[:, cut:] if rng.random() < 0.5 else np.s_[:, :cut]
+    image[gone] = PAD_VALUE
+    labels[gone] = 0
+    return True
+
+
+class RandScanEndd:
+    """Dictionary transform: with probability ``prob`` the patch's scan ends inside its liver (``end_scan``).
+    Runs after every intensity augmentation: the padding is exact in what is served."""
+
+    def __init__(self, prob: float = 0.3, seed: int = 0) -> None:
+        self.prob = prob
+        self.rng = np.random.default_rng(seed + 1)
+
+    def __call__(self, data: dict[str, Any]) -> dict[str, Any]:
+        if self.rng.random() >= self.prob:
+            return data
+        image = np.array(data["image"], dtype=np.float32, copy=True)
+        labels = np.array(data["label"], copy=True)
+        end_scan(image, labels, self.rng)
         return {**data, "image": image, "label": labels}

@@ -62,6 +62,20 @@ def training_case(seed: int, region: str, preprocessor) -> tuple[np.ndarray, np.
     return image, labels
 
 
+def scan_end_cases(cases: list[tuple[np.ndarray, np.ndarray]], kept: float = 0.7) -> list[tuple[np.ndarray, np.ndarray]]:
+    """Each case holding a liver, twice more: its scan stopped inside the liver so that ``kept`` of the liver's
+    z extent remains, once at each end (what real abdominal and chest scans do); for validation as served."""
+    out = []
+    for image, labels in cases:
+        slices = np.flatnonzero((labels[0] > 0).any(axis=(1, 2)))
+        if len(slices) < 4:
+            continue
+        extent = slices[-1] + 1 - slices[0]
+        top, bottom = slices[0] + round((1 - kept) * extent), slices[0] + round(kept * extent)
+        out += [(image[:, top:], labels[:, top:]), (image[:, :bottom], labels[:, :bottom])]
+    return out
+
+
 def load_cases(cases: list[tuple[int, str]], desc: str) -> list[tuple[np.ndarray, np.ndarray]]:
     """Build (or read from the cache) the phantoms of ``cases`` (seed, region) with a progress bar."""
     from medseg.dali_pipeline import CpuPreprocessor

@@ -44,7 +44,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from medseg.errors import MedsegError
-from medseg.metrics import ACCEPTANCE
+from medseg.metrics import ACCEPTANCE, BIG
 from medseg.network import sha256_of
 from medseg.spec import REPO_ROOT
 
@@ -313,9 +313,8 @@ def _nothing_reported(r: dict[str, Any]) -> bool:
 def block_lines(docs: dict[str, dict[str, Any]], data: dict[str, Any], machine: str) -> list[str]:
     """The accuracy block (markers included) of the metrics documents by set, their data sets' manifest and the
     machine's name: a row per figure with its bar, whether it is met (computed), its data, machine and date."""
-    from medseg_client.evaluate import SIZE_BINS, _cell
+    from medseg_client.evaluate import _cell
 
-    big_key = next(key for key, _, lo, _ in SIZE_BINS if lo == ACCEPTANCE.big_tumor_mm and key.startswith("ge_"))
     described = data.get("sets", {})
     lines = [BEGIN, "| set | figure | value | bar | | data | machine, date |", "|---|---|---|---|---|---|---|"]
     verdicts: list[bool] = []
@@ -336,7 +335,7 @@ def block_lines(docs: dict[str, dict[str, Any]], data: dict[str, Any], machine: 
     doc = docs.get("phantoms")
     if doc:
         s = doc["summary"]
-        ld, big, small = s["liver_dice"], s["tumors"][big_key], s["tumors"]["5_to_10mm"]
+        ld, big, small = s["liver_dice"], s["tumors"][BIG], s["tumors"]["5_to_10mm"]
         data_text = (f"{described.get('phantoms', {}).get('description', 'phantoms')}: {s['evaluated']} of "
                      f"{s['cases']} evaluated")
         every = ld["n"] == s["cases"] and ld["min"] is not None

@@ -25,7 +25,7 @@ import numpy as np
 from medseg_client.evaluate import passed_checks
 from tqdm import tqdm
 
-from medseg.metrics import ACCEPTANCE, froc, locate_tumors, within_reach
+from medseg.metrics import ACCEPTANCE, BIG, froc, locate_tumors, within_reach
 from medseg.network import weights_info
 from medseg.phantom import generate
 from medseg.pipeline import ReferencePipeline
@@ -36,7 +36,6 @@ FROC_SEEDS = list(range(3000, 3012))
 # scans without a liver in view: how confident the network is where a "liver" survives the region checks
 NEGATIVE_CASES = [(3100 + i, r) for i, r in enumerate(("chest", "head", "pelvis", "legs", "no_liver", "neck",
                                                         "chest", "pelvis"))]
-BIG = "ge_10mm"  # the sizes whose sensitivity sets the operating point (medseg.metrics.FROC_SIZES)
 
 
 def collect(pipe: ReferencePipeline, seeds: list[int]) -> list[dict[str, Any]]:

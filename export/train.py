@@ -25,8 +25,8 @@ from typing import Any
 
 import numpy as np
 
-from export.augment import RandSyntheticTumord
-from export.data import PHANTOM_RECIPE, TRAIN_MIX, VAL_CASES, load_cases, train_cases
+from export.augment import RandScanEndd, RandSyntheticTumord
+from export.data import PHANTOM_RECIPE, TRAIN_MIX, VAL_CASES, load_cases, scan_end_cases, train_cases
 from medseg.metrics import dice
 from medseg.network import MANIFEST_FILE, WEIGHTS_FILE, build_network, sha256_of
 from medseg.spec import SPEC, padded_shape
@@ -72,7 +72,7 @@ def score(scores: dict[str, float]) -> float:
     return (scores["liver"] + scores["tumor"]) / 2 - 0.5 * min(1.0, scores["false_liver_ml"] / FALSE_LIVER_SCALE_ML)
 
 
-def augmentations(synthetic_tumors: float, class_ratios: tuple[float, ...], seed: int) -> Any:
+def augmentations(synthetic_tumors: float, class_ratios: tuple[float, ...], seed: int, scan_ends: float = 0.0) -> Any:
     """Patch sampling and the augmentations of one training step (MONAI dictionary transforms)."""
     from monai.transforms import (
         Compose,
@@ -101,6 +101,7 @@ def augmentations(synthetic_tumors: float, class_ratios: tuple[float, ...], seed
         RandGaussianSmoothd(keys="image", prob=0.15, sigma_x=(0.4, 1.0), sigma_y=(0.4, 1.0), sigma_z=(0.4, 1.2)),
         RandSimulateLowResolutiond(keys="image", prob=0.15, zoom_range=(0.5, 1.0)),
         RandGaussianNoised(keys="image", prob=0.2, std=0.03),
+        RandScanEndd(prob=scan_ends, seed=seed),
     ])
 
 
@@ -127,7 +128,7 @@ def load_init(model: Any, init: Path) -> None:
 
 def train(epochs: int, iters_per_epoch: int, out: Path, seed: int, lr: float, init: Path | None = None,
           class_ratios: tuple[float, ...] = (1, 2, 3), ce_weights: tuple[float, ...] = (1, 1, 1),
-          synthetic_tumors: float = 0.0) -> dict[str, Any]:
+          synthetic_tumors: float = 0.0, scan_ends: float = 0.0) -> dict[str, Any]:
     """Run the training and write weights + manifest to ``out``; returns the manifest."""
     import torch
     from monai.losses import DiceCELoss
@@ -139,7 +140,9 @@ def train(epochs: int, iters_per_epoch: int, out: Path, seed: int, lr: float, in
     amp = device.type == "cuda"
     cases = load_cases(train_cases(), "training phantoms")
     val_cases = load_cases(VAL_CASES, "validation phantoms")
-    sample = augmentations(synthetic_tumors, class_ratios, seed)
+    if scan_ends:  # validated as served on scans that stop inside the liver too (not in the recorded stages)
+        val_cases += scan_end_cases(val_cases)
+    sample = augmentations(synthetic_tumors, class_ratios, seed, scan_ends)
     model = build_network()
     if init is not None:  # continue from earlier weights (fp16 state dict)
         load_init(model, init)
@@ -199,10 +202,13 @@ def train(epochs: int, iters_per_epoch: int, out: Path, seed: int, lr: float, in
         "seed": seed,
         "data_recipe": {"generator": PHANTOM_RECIPE, "train_cases": [[s, r] for s, r in train_cases()],
                         "train_mix": TRAIN_MIX, "val_cases": [[s, r] for s, r in VAL_CASES], "patch": list(PATCH),
-                        "augmentations": "affine (p 0.25), intensity scale/shift, gamma, blur, low resolution, noise",
+                        "augmentations": "affine (p 0.25), intensity scale/shift, gamma, blur, low resolution, noise"
+                                         + (f", scan ending inside the liver (p {scan_ends:g})" if scan_ends else ""),
+                        **({"val_scan_ends": "each validation case with a liver also stopped at 70% of its liver's"
+                                              " z extent, from either end"} if scan_ends else {}),
                         "never_training_data": "real CT (make realct): development and acceptance only",
                         "class_ratios": list(class_ratios), "ce_weights": list(ce_weights),
-                        "synthetic_tumors": synthetic_tumors,
+                        "synthetic_tumors": synthetic_tumors, "scan_ends": scan_ends,
                         "preprocessing": "medseg.dali_pipeline.ct_preprocess (DALI, CPU)"},
         "epochs": epochs,
         "iters_per_epoch": iters_per_epoch,
@@ -214,6 +220,7 @@ def train(epochs: int, iters_per_epoch: int, out: Path, seed: int, lr: float, in
         "command": f"python -m export.train --epochs {epochs} --iters-per-epoch {iters_per_epoch} --seed {seed} --lr {lr}"
                    f" --class-ratios {' '.join(f'{r:g}' for r in class_ratios)}"
                    f" --ce-weights {' '.join(f'{w:g}' for w in ce_weights)} --synthetic-tumors {synthetic_tumors:g}"
+                   + (f" --scan-ends {scan_ends:g}" if scan_ends else "")
                    + (f" --init {init}" if init else ""),
         "initialized_from": None if init is None else {"file": init.name, "sha256": sha256_of(init)},
         "previous_stages": previous_stages(init),
@@ -247,12 +254,13 @@ def main() -> None:
     ap.add_argument("--class-ratios", type=float, nargs=3, default=(1, 2, 3), help="patch centres per class")
     ap.add_argument("--ce-weights", type=float, nargs=3, default=(1, 1, 1), help="cross-entropy class weights")
     ap.add_argument("--synthetic-tumors", type=float, default=0.0, help="probability of painting tumors into a patch")
+    ap.add_argument("--scan-ends", type=float, default=0.0, help="probability of a patch's scan ending inside its liver")
     args = ap.parse_args()
     import torch
 
     torch.set_num_threads(max(1, torch.get_num_threads()))
     m = train(args.epochs, args.iters_per_epoch, args.out, args.seed, args.lr, args.init,
-              tuple(args.class_ratios), tuple(args.ce_weights), args.synthetic_tumors)
+              tuple(args.class_ratios), tuple(args.ce_weights), args.synthetic_tumors, args.scan_ends)
     print(f"best epoch {m['best_epoch']}: val Dice liver {m['val_dice']['liver']:.4f} tumor {m['val_dice']['tumor']:.4f}")
     print(f"wrote {args.out / WEIGHTS_FILE.name} (sha256 {m['sha256'][:16]}...) and {MANIFEST_FILE.name}")
 

@@ -21,7 +21,8 @@ from medseg.phantom import Phantom
 from medseg.spec import SPEC
 from medseg.studies import CT_IMAGE_STORAGE, read_study, write_dicom_series
 from tests import realct
-from tests.test_dicom_seg import PROVENANCE, dciodvfy_errors, needs_dciodvfy
+from tests.helpers import dciodvfy_errors, needs_dciodvfy
+from tests.test_dicom_seg import PROVENANCE
 
 SOFT_TISSUE_HU = (0, 250)
 

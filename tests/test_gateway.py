@@ -29,6 +29,7 @@ from medseg.gateway import KEY_HEADER, Backend, nginx_config
 from medseg.mig import Tenant
 from medseg.phantom import generate
 from medseg.spec import SPEC
+from tests.helpers import served_count, wait_until
 
 pytestmark = pytest.mark.server
 NGINX = shutil.which("nginx") or "/usr/sbin/nginx"
@@ -39,7 +40,7 @@ TENANTS = (Tenant("alpha", (SPEC.ensemble.name,), "KEY_ALPHA", rate_limit_per_s=
 FLOOD = """
 import os, signal, sys, threading, numpy as np
 from medseg.errors import ServerError
-from medseg_client.client import SegmentationClient
+from medseg_client.client import CancelledError, SegmentationClient
 url, path, spacing = sys.argv[1], sys.argv[2], tuple(float(v) for v in sys.argv[3].split(","))
 ct, served, stop = np.load(path), [], threading.Event()
 signal.signal(signal.SIGTERM, lambda *_: stop.set())
@@ -47,7 +48,9 @@ def loop():
     with SegmentationClient(url, tenant_key=os.environ["MEDSEG_TENANT_KEY"], timeout_s=120) as c:
         while not stop.is_set():
             try:
-                c.segment(ct, spacing); served.append(1)
+                c.segment(ct, spacing, cancel=stop); served.append(1)  # SIGTERM cancels the study in flight too
+            except CancelledError:
+                break
             except ServerError:
                 stop.wait(0.05)  # throttled by the gateway: try again
 threads = [threading.Thread(target=loop) for _ in range(2)]
@@ -118,14 +121,6 @@ def _client(topology: dict[str, Any], tenant: str | None, key: str | None = None
     return SegmentationClient(topology["url"], tenant_key=key or (topology["keys"][tenant] if tenant else None), timeout_s=60)
 
 
-def _served_count(server: Any) -> int:
-    import tritonclient.grpc as grpcclient
-    from medseg_client.client import model_statistics
-
-    stats = grpcclient.InferenceServerClient(server.grpc_url).get_inference_statistics(SPEC.ensemble.name, as_json=True)
-    return int(model_statistics(stats)[SPEC.ensemble.name]["count"])
-
-
 def _log_counts(log: Path, rpc: str = "ModelInfer") -> dict[str, int]:
     counts: dict[str, int] = {}
     for line in log.read_text().splitlines():
@@ -150,7 +145,7 @@ def test_missing_and_wrong_keys_are_refused_health_needs_none(topology: dict[str
 def test_each_key_reaches_only_its_tenants_server_and_counts_match(topology: dict[str, Any]) -> None:
     study = _small_study()
     servers = topology["servers"]
-    before = {n: _served_count(s) for n, s in servers.items()}
+    before = {n: served_count(s.grpc_url, SPEC.ensemble.name) for n, s in servers.items()}
     logged_before = _log_counts(topology["log"])
     sent = {"alpha": 2, "beta": 3}
     for tenant, n in sent.items():
@@ -161,11 +156,10 @@ def test_each_key_reaches_only_its_tenants_server_and_counts_match(topology: dic
                 assert c.segment(*study).labels.shape == study[0].shape
     for tenant, n in sent.items():
         # Triton counts a request once its response is out: poll until the count settles, then hold it exact
-        served = _served_count(servers[tenant])
-        deadline = time.monotonic() + 10.0
-        while served - before[tenant] < n and time.monotonic() < deadline:
-            time.sleep(0.05)
-            served = _served_count(servers[tenant])
+        url, floor = servers[tenant].grpc_url, before[tenant] + n
+        wait_until(lambda url=url, floor=floor: served_count(url, SPEC.ensemble.name) >= floor,
+                   f"{tenant}'s server counting {n} requests")
+        served = served_count(url, SPEC.ensemble.name)
         assert served - before[tenant] == n, f"{tenant}'s server counted {served - before[tenant]} requests, {n} sent"
         assert _log_counts(topology["log"]).get(tenant, 0) - logged_before.get(tenant, 0) == n
         metrics = urllib.request.urlopen(f"{topology['metrics']}/metrics/{tenant}", timeout=5).read().decode()
@@ -216,6 +210,8 @@ def test_a_flooding_tenant_leaves_the_others_p99_within_1_5x(topology: dict[str,
         return out
 
     alone = latencies(12)
+    alpha = topology["servers"]["alpha"]
+    alpha_before = served_count(alpha.grpc_url, SPEC.ensemble.name)
     # alpha floods from its own process (as another tenant would), two requests always in flight
     np.save(tmp_path / "study.npy", study[0])
     flood = subprocess.Popen([sys.executable, "-c", FLOOD, topology["url"], str(tmp_path / "study.npy"),
@@ -223,7 +219,10 @@ def test_a_flooding_tenant_leaves_the_others_p99_within_1_5x(topology: dict[str,
                              env={**os.environ, "MEDSEG_TENANT_KEY": topology["keys"]["alpha"]},
                              stdout=subprocess.PIPE, text=True)
     try:
-        time.sleep(3.0)
+        # alpha's server is busy once the flood gets its first study through the gateway
+        wait_until(lambda: served_count(alpha.grpc_url, SPEC.ensemble.name) > alpha_before or flood.poll() is not None,
+                   "the flood's first study served")
+        assert flood.poll() is None, "the flood stopped"
         noisy = latencies(12)
     finally:
         flood.terminate()

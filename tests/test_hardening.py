@@ -19,6 +19,7 @@ import pytest
 from medseg.server import ADMIN_GRPC_HEADER, EmbeddedServer, ServerOptions, Tls, child_processes, free_port
 from medseg.spec import SPEC
 from tests.conftest import tritonserver_pid
+from tests.helpers import served_count, wait_until
 
 pytestmark = pytest.mark.server
 
@@ -127,9 +128,10 @@ def test_a_crashed_model_process_fails_its_request_fast_and_serve_restarts_the_s
     from medseg.errors import MedsegError
     from medseg.phantom import generate
 
-    grpc_port = free_port()
+    grpc_port, key = free_port(), secrets.token_hex(16)  # the key opens the statistics the test waits on
     proc = subprocess.Popen([sys.executable, "-m", "medseg_client.cli", "serve", "--grpc-port", str(grpc_port),
-                             "--metrics-port", str(free_port())], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+                             "--metrics-port", str(free_port())], stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            text=True, env={**os.environ, "MEDSEG_ADMIN_KEY": key})
     url = f"127.0.0.1:{grpc_port}"
     lines: list[str] = []
     assert proc.stdout is not None
@@ -149,9 +151,12 @@ def test_a_crashed_model_process_fails_its_request_fast_and_serve_restarts_the_s
                     outcome["error"] = e
                 outcome["seconds"] = time.monotonic() - t0
 
+            preprocessed = served_count(url, SPEC.preprocess.name, headers={ADMIN_GRPC_HEADER: key})
             worker = threading.Thread(target=request)
             worker.start()
-            time.sleep(1.5)  # the study is in the ensemble now
+            # the study is past its preprocessing: in the segmenter now (seconds of work for 200 slices here)
+            wait_until(lambda: served_count(url, SPEC.preprocess.name, headers={ADMIN_GRPC_HEADER: key}) > preprocessed,
+                       "the study preprocessed")
             server_pid = tritonserver_pid(proc.pid)
             assert server_pid is not None
             segmenter = next(p for p, _ in child_processes(server_pid) if "ct_segmenter" in _cmdline(p))

@@ -271,28 +271,32 @@ def test_an_internal_error_is_one_line_exit_3_with_its_traceback_in_a_private_lo
         cli: Any, monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     import medseg.studies
 
+    quoted = "DOE" + "^JANE"  # what a library's message can quote: a header value
+
     def broken(*args: Any, **kwargs: Any) -> None:
-        raise ZeroDivisionError("a bug deep inside")
+        raise ZeroDivisionError(f"bad value {quoted}")
 
     monkeypatch.setattr(medseg.studies, "write_phantom", broken)  # a bug where the phantom is written
     logs = tmp_path / "internal-logs"
     monkeypatch.setenv("MEDSEG_LOG_DIR", str(logs))
     run = cli("phantom", "--seed", "1", "--slices", "20", "--out", str(tmp_path / "o"))
     assert run.code == EXIT_INTERNAL and "Traceback" not in run.err
-    m = re.fullmatch(r"medseg phantom: internal error \(ZeroDivisionError\): a bug deep inside; details in (\S+)\n", run.err)
+    m = re.fullmatch(r"medseg phantom: internal error \(ZeroDivisionError in broken, test_no_traceback.py:\d+\); "
+                     r"details in (\S+)\n", run.err)
     assert m, run.err
     log = Path(m.group(1))
     assert log.parent == logs and re.fullmatch(r"medseg-phantom-\d{8}-\d{6}-\d+\.log", log.name)
     assert log.stat().st_mode & 0o777 == 0o600
     text = log.read_text()
-    assert "Traceback" in text and "ZeroDivisionError: a bug deep inside" in text and "in broken" in text
+    assert "Traceback" in text and "ZeroDivisionError (message left out)" in text and "in broken" in text
+    assert "DOE^JANE" not in text  # a library's message may quote patient data: never logged
     again = cli("phantom", "--seed", "1", "--slices", "20", "--out", str(tmp_path / "o"))
     assert again.code == EXIT_INTERNAL and len(list(logs.iterdir())) == 2  # one file per error, never overwritten
     monkeypatch.setenv("MEDSEG_LOG_DIR", "/dev/null/logs")  # nowhere to log: still one line, saying so
     run = cli("phantom", "--seed", "1", "--slices", "20", "--out", str(tmp_path / "o"))
     assert run.code == EXIT_INTERNAL
-    assert re.fullmatch(r"medseg phantom: internal error \(ZeroDivisionError\): a bug deep inside; no log written "
-                        r"\(Not a directory\)\n", run.err), run.err
+    assert re.fullmatch(r"medseg phantom: internal error \(ZeroDivisionError in broken, test_no_traceback.py:\d+\); "
+                        r"no log written \(Not a directory\)\n", run.err), run.err
 
 
 def test_the_entry_point_prints_one_line_for_errors_and_logs_internal_ones(tmp_path: Path) -> None:
@@ -303,15 +307,17 @@ def test_the_entry_point_prints_one_line_for_errors_and_logs_internal_ones(tmp_p
             entry_point("phantom", "--seed", "x", "--out", str(tmp_path), env=env)]
     assert_clean(runs)
     code = ("import sys, medseg.studies\n"
-            "def broken(*a, **k): raise KeyError('deep')\n"
+            "def broken(*a, **k): raise KeyError('DOE^JANE')\n"
             "medseg.studies.write_phantom = broken\n"
             "from medseg_client.cli import main\n"
             f"sys.exit(main(['phantom', '--seed', '1', '--slices', '20', '--out', {str(tmp_path / 'o')!r}]))\n")
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300,
                        env={**os.environ, **env})
     assert r.returncode == EXIT_INTERNAL and "Traceback" not in r.stderr
-    assert re.fullmatch(r"medseg phantom: internal error \(KeyError\): 'deep'; details in \S+\n", r.stderr), r.stderr
-    assert len(list((tmp_path / "logs").iterdir())) == 1
+    assert re.fullmatch(r"medseg phantom: internal error \(KeyError in broken, <string>:2\); details in \S+\n",
+                        r.stderr), r.stderr
+    logs = list((tmp_path / "logs").iterdir())
+    assert len(logs) == 1 and "DOE^JANE" not in logs[0].read_text()
 
 
 # --- medseg segment through the real server ---
@@ -477,15 +483,22 @@ def test_a_failure_at_any_stage_of_segment_leaves_no_partial_output_and_no_stagi
         (out / "labels.nii.gz").write_text("an earlier result")
     original = getattr(medseg_client.segment, stage)
 
+    quoted = "DOE" + "^JOHN"  # what a library's message can quote: a header value
+
     def fails(*args: Any, **kwargs: Any) -> Any:
         original(*args, **kwargs)  # the stage does its work (files half written), then fails
-        raise RuntimeError(f"injected failure in {stage}")
+        raise RuntimeError(f"injected failure in {stage}, quoting {quoted}")
 
     monkeypatch.setattr(medseg_client.segment, stage, fails)
     monkeypatch.setenv("MEDSEG_LOG_DIR", str(tmp_path / "internal-logs"))
     run = cli("segment", "--url", server.grpc_url, str(series), "--out", str(out))
     assert run.code == EXIT_INTERNAL and len(run.err.strip().splitlines()) == 1 and "Traceback" not in run.err
-    assert f"injected failure in {stage}" in run.err
+    # the line says what and where, never the message; the log's frames name the stage that failed
+    assert "internal error (RuntimeError in fails, test_no_traceback.py:" in run.err
+    logged = re.search(r"; details in (\S+)$", run.err.strip())
+    assert logged, run.err
+    log = Path(logged.group(1)).read_text()
+    assert f"{stage}(" in log and "DOE^JOHN" not in log and "DOE^JOHN" not in run.err
     assert sorted(p.name for p in tmp_path.iterdir()) == ["internal-logs", *(["out"] if existing else []), "series"]
     if existing:  # the earlier result untouched, nothing of this run mixed in
         assert [p.name for p in out.iterdir()] == ["labels.nii.gz"]

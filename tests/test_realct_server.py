@@ -9,7 +9,6 @@ asserted where the model's figures are kept.
 from __future__ import annotations
 
 import json
-import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -23,7 +22,7 @@ import pytest
 from medseg.spec import SPEC
 from medseg.studies import read_study
 from tests import realct
-from tests.test_dicom_seg import dciodvfy_errors
+from tests.helpers import dciodvfy_errors, needs_dciodvfy
 
 pytestmark = pytest.mark.server
 ENTRY_POINT = Path(sys.executable).with_name("medseg")
@@ -56,11 +55,17 @@ def _check_common(out: Path, source: Path, study: Any) -> dict[str, Any]:
     return doc
 
 
-def test_segment_on_the_real_anonymized_dicom_series_writes_labels_findings_a_valid_seg_and_a_preview(
-        server: Any, tmp_path: Path) -> None:
+@pytest.fixture(scope="module")
+def dicom_run(server: Any, tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, subprocess.CompletedProcess[str]]:
+    """`medseg segment` on the real anonymized DICOM series, once: its output folder and the finished command."""
+    out = tmp_path_factory.mktemp("realct-dicom") / "result"
+    return out, _segment(server, realct.path(realct.DICOM_SERIES), out)
+
+
+def test_segment_on_the_real_anonymized_dicom_series_writes_labels_findings_a_seg_and_a_preview(
+        dicom_run: tuple[Path, subprocess.CompletedProcess[str]]) -> None:
     source = realct.path(realct.DICOM_SERIES)
-    out = tmp_path / "result"
-    r = _segment(server, source, out)
+    out, r = dicom_run
     study = read_study(source)  # this process derives the same UIDs as the command did
     assert len(study.repairs) == 4
     for repair in study.repairs:
@@ -76,9 +81,12 @@ def test_segment_on_the_real_anonymized_dicom_series_writes_labels_findings_a_va
     ref = seg.ReferencedSeriesSequence[0]
     assert ref.SeriesInstanceUID == study.series_uid
     assert len(ref.ReferencedInstanceSequence) == realct.DICOM_SLICES
-    if shutil.which("dciodvfy"):
-        assert dciodvfy_errors(out / "seg.dcm") == []
     assert sorted(p.name for p in out.iterdir()) == ["findings.json", "labels.nii.gz", "preview.png", "seg.dcm"]
+
+
+@needs_dciodvfy
+def test_the_seg_of_the_real_series_passes_dciodvfy(dicom_run: tuple[Path, subprocess.CompletedProcess[str]]) -> None:
+    assert dciodvfy_errors(dicom_run[0] / "seg.dcm") == []
 
 
 def test_segment_on_the_real_ct_nifti_keeps_its_grid_and_writes_findings_and_a_preview(server: Any, tmp_path: Path) -> None:

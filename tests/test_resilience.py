@@ -19,7 +19,9 @@ import numpy as np
 import pytest
 
 from medseg.errors import MedsegError, StudyError
+from medseg.spec import SPEC
 from tests.conftest import tritonserver_pid
+from tests.helpers import served_count, wait_until
 
 
 @pytest.mark.parametrize(("status", "message", "retried"), [
@@ -49,13 +51,20 @@ def test_a_cancelled_study_stops_at_once_leaves_nothing_and_the_next_is_served(s
     big = generate(5004, num_slices=240, slice_thickness=1.25)  # seconds of work on this machine
     small = generate(5002, num_slices=20, slice_thickness=5.0)
     cancel = threading.Event()
+    cancelled_at: list[float] = []
+
+    def cancel_in_flight() -> None:  # once the study is past preprocessing, in the segmenter (seconds of work)
+        wait_until(lambda: served_count(server.grpc_url, SPEC.preprocess.name) > preprocessed, "the study preprocessed")
+        cancelled_at.append(time.monotonic())
+        cancel.set()
+
     with SegmentationClient(server.grpc_url, shared_memory=shared_memory) as client:
-        timer = threading.Timer(0.8, cancel.set)
-        timer.start()
-        t0 = time.monotonic()
+        preprocessed = served_count(server.grpc_url, SPEC.preprocess.name)
+        canceller = threading.Thread(target=cancel_in_flight, daemon=True)
+        canceller.start()
         with pytest.raises(CancelledError, match="cancelled by the caller"):
             client.segment(big.ct, big.spacing, cancel=cancel)
-        waited = time.monotonic() - t0
+        waited = time.monotonic() - cancelled_at[0]
         with pytest.raises(CancelledError):  # an event already set: nothing is sent
             client.segment(small.ct, small.spacing, cancel=cancel)
         assert client.segment(small.ct, small.spacing).labels.shape == small.ct.shape
@@ -104,7 +113,9 @@ def test_a_batch_survives_20_server_kills_every_study_ending_once_right_or_with_
             seen = len(outcomes)
             while len(outcomes) == seen and not stop.is_set():  # the server is back and has served a study
                 time.sleep(0.02)
-            time.sleep(rng.uniform(0.05, 0.4))  # the client sent the next study at once: it is in flight now
+            # a random moment into the next study (the client sends it at once): kills land at every stage of it;
+            # whatever stage a kill meets, every study must still end once, right or with a clear error
+            time.sleep(rng.uniform(0.05, 0.4))
             pid = tritonserver_pid(serve.pid)
             if pid is not None:
                 os.killpg(pid, signal.SIGKILL)

@@ -8,7 +8,6 @@ in-process reference pipeline, the CLI end to end; the accuracy bars are in test
 from __future__ import annotations
 
 import json
-import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -26,6 +25,7 @@ from medseg.phantom import generate
 from medseg.spec import SPEC
 from medseg.studies import write_phantom
 from tests.conftest import TEST_FLAVOR, UNSEEN_SEEDS
+from tests.helpers import dciodvfy_errors, needs_dciodvfy
 
 pytestmark = pytest.mark.server
 TUMOR = SPEC.label("liver_tumor").value
@@ -83,24 +83,36 @@ def test_a_bad_study_is_refused_and_the_server_stays_ready(client: SegmentationC
     assert server.ready()
 
 
-def test_segment_command_writes_labels_seg_preview_and_findings(server: Any, tmp_path: Path) -> None:
+@pytest.fixture(scope="module")
+def segmented_series(server: Any, tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, subprocess.CompletedProcess[str]]:
+    """`medseg segment` on an unseen phantom's DICOM series, once: the folder holding study/ and result/, and the
+    finished command."""
+    tmp_path = tmp_path_factory.mktemp("segment-command")
     ph = generate(UNSEEN_SEEDS[1], num_slices=80, slice_thickness=4.0)
     write_phantom(ph, tmp_path / "study", "dicom")
-    out = tmp_path / "result"
     r = subprocess.run([sys.executable, "-m", "medseg_client.cli", "segment", "--url", server.grpc_url,
-                        str(tmp_path / "study" / "dicom"), "--out", str(out)], capture_output=True, text=True, timeout=600)
+                        str(tmp_path / "study" / "dicom"), "--out", str(tmp_path / "result")],
+                       capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stderr
+    return tmp_path, r
+
+
+@needs_dciodvfy
+def test_the_segment_commands_seg_passes_dciodvfy(segmented_series: tuple[Path, subprocess.CompletedProcess[str]]) -> None:
+    assert dciodvfy_errors(segmented_series[0] / "result" / "seg.dcm") == []
+
+
+def test_segment_command_writes_labels_seg_preview_and_findings(
+        server: Any, segmented_series: tuple[Path, subprocess.CompletedProcess[str]]) -> None:
+    tmp_path, r = segmented_series
+    out = tmp_path / "result"
     labels = nib.load(str(out / "labels.nii.gz"))
     truth = nib.load(str(tmp_path / "study" / "labels_truth.nii.gz"))
     assert labels.shape == truth.shape
     np.testing.assert_allclose(labels.affine, truth.affine, atol=1e-3)
     from PIL import Image
 
-    from tests.test_dicom_seg import dciodvfy_errors
-
     assert (out / "seg.dcm").exists()
-    if shutil.which("dciodvfy"):
-        assert dciodvfy_errors(out / "seg.dcm") == []
     with Image.open(out / "preview.png") as im:
         assert im.format == "PNG" and im.width >= 2 * im.height // 2
     doc = json.loads((out / "findings.json").read_text())

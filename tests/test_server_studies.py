@@ -8,9 +8,9 @@ sagittal re-stack and a gantry-tilted acquisition of the same anatomy all segmen
 
 from __future__ import annotations
 
-import shutil
 import subprocess
 import sys
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -21,8 +21,8 @@ import pytest
 from medseg.metrics import dice
 from medseg.phantom import generate
 from medseg.studies import read_study
+from tests.helpers import dciodvfy_errors, needs_dciodvfy
 from tests.series_variants import tilt_rows, write_variant
-from tests.test_dicom_seg import dciodvfy_errors
 
 pytestmark = pytest.mark.server
 SEED = 5006  # never used in training
@@ -56,19 +56,40 @@ def _prepare(ph: Any, root: Path, variant: str) -> Path:
     return folder
 
 
-@pytest.mark.parametrize("variant", ["axial", "shuffled", "two_series", "jpeg_ls", "flipped", "sagittal", "tilted",
-                                     "oblique"])
-def test_any_storage_of_a_series_segments_onto_the_right_grid(variant: str, phantom: Any, server: Any,
-                                                              tmp_path: Path) -> None:
-    series = _prepare(phantom, tmp_path, variant)
-    out = tmp_path / "result"
-    r = subprocess.run([sys.executable, "-m", "medseg_client.cli", "segment", "--url", server.grpc_url, str(series),
-                        "--out", str(out)], capture_output=True, text=True, timeout=600)
-    assert r.returncode == 0, r.stderr
+VARIANTS = ["axial", "shuffled", "two_series", "jpeg_ls", "flipped", "sagittal", "tilted", "oblique"]
+
+
+@pytest.fixture(scope="module")
+def segmented(phantom: Any, server: Any, tmp_path_factory: pytest.TempPathFactory) -> Callable[[str], Path]:
+    """``medseg segment`` on the phantom stored as ``variant``, run once per variant: its output folder."""
+    outs: dict[str, Path] = {}
+
+    def run(variant: str) -> Path:
+        if variant not in outs:
+            tmp_path = tmp_path_factory.mktemp(variant)
+            series = _prepare(phantom, tmp_path, variant)
+            r = subprocess.run([sys.executable, "-m", "medseg_client.cli", "segment", "--url", server.grpc_url,
+                                str(series), "--out", str(tmp_path / "result")], capture_output=True, text=True,
+                               timeout=600)
+            assert r.returncode == 0, r.stderr
+            outs[variant] = tmp_path / "result"
+        return outs[variant]
+
+    return run
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_any_storage_of_a_series_segments_onto_the_right_grid(variant: str, phantom: Any,
+                                                              segmented: Callable[[str], Path]) -> None:
+    out = segmented(variant)
     predicted = read_study(out / "labels.nii.gz")  # back on the canonical grid, through the file's affine
     assert predicted.ct.shape == phantom.ct.shape
     np.testing.assert_allclose(predicted.lps_mm([0, 0, 0]), phantom.origin_mm, atol=1e-2)
     truth = tilt_rows(phantom.labels, 0) if variant == "tilted" else phantom.labels  # on the acquired slices
     assert dice(predicted.ct > 0, truth > 0) >= 0.90
-    if shutil.which("dciodvfy"):
-        assert dciodvfy_errors(out / "seg.dcm") == []
+
+
+@needs_dciodvfy
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_the_seg_of_any_storage_passes_dciodvfy(variant: str, segmented: Callable[[str], Path]) -> None:
+    assert dciodvfy_errors(segmented(variant) / "seg.dcm") == []

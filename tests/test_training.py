@@ -1,11 +1,12 @@
-"""Training pieces: lesion synthesis and labels on the model grid."""
+"""Training pieces: lesion synthesis, scans ending inside the liver, and labels on the model grid."""
 
 from __future__ import annotations
 
 import numpy as np
 
-from export.augment import HU_PER_UNIT, LIVER, TUMOR, RandSyntheticTumord, paint_tumor
-from export.data import labels_to_model_grid
+from export.augment import HU_PER_UNIT, LIVER, TUMOR, RandScanEndd, RandSyntheticTumord, end_scan, paint_tumor
+from export.data import labels_to_model_grid, scan_end_cases
+from medseg.preprocess import PAD_VALUE, pad_to_divisor
 from medseg.spec import model_grid_shape
 
 
@@ -29,6 +30,51 @@ def test_no_liver_no_tumor() -> None:
     labels = np.zeros((1, 8, 8, 8), np.uint8)
     out = RandSyntheticTumord(prob=1.0)({"image": image, "label": labels})
     assert not (out["label"] == TUMOR).any()
+
+
+def _liver_patch() -> tuple[np.ndarray, np.ndarray]:
+    image = np.full((1, 40, 16, 16), 0.6, np.float32)
+    labels = np.zeros((1, 40, 16, 16), np.uint8)
+    labels[0, 10:30, 4:12, 4:12] = LIVER
+    return image, labels
+
+
+def test_a_scan_ends_inside_the_liver_with_the_served_padding_past_it() -> None:
+    ends = set()
+    for seed in range(12):
+        image, labels = _liver_patch()
+        assert end_scan(image, labels, np.random.default_rng(seed))
+        gone = (image[0] == PAD_VALUE).all(axis=(1, 2))
+        kept = np.flatnonzero(~gone)
+        # one contiguous stretch of slices stays, as it was; the rest is padding with background labels
+        assert len(kept) == kept[-1] + 1 - kept[0] and (image[0, kept] == 0.6).all()
+        assert not labels[0, gone].any()
+        # the cut goes through the liver: some of it is gone, some stays
+        liver_kept = np.flatnonzero((labels[0] == LIVER).any(axis=(1, 2)))
+        assert 0 < len(liver_kept) < 20
+        ends.add("head" if kept[0] > 0 else "feet")
+    assert ends == {"head", "feet"}
+    assert PAD_VALUE == pad_to_divisor(np.ones((3, 3, 3), np.float32))[-1, -1, -1]
+
+
+def test_no_liver_no_scan_end_and_prob_zero_changes_nothing() -> None:
+    image = np.full((1, 8, 8, 8), 0.6, np.float32)
+    labels = np.zeros((1, 8, 8, 8), np.uint8)
+    assert not end_scan(image, labels, np.random.default_rng(0)) and (image == 0.6).all()
+    patch_image, patch_labels = _liver_patch()
+    out = RandScanEndd(prob=0.0)({"image": patch_image, "label": patch_labels})
+    assert out["image"] is patch_image and out["label"] is patch_labels
+
+
+def test_validation_scans_stopped_inside_the_liver_from_each_end() -> None:
+    image, labels = _liver_patch()
+    empty = (np.zeros_like(image), np.zeros_like(labels))
+    cuts = scan_end_cases([(image, labels), empty], kept=0.7)
+    # the liver spans slices 10-29: slices 0-15 go (6 of its 20 with them), then slices 24-39
+    assert [c[0].shape[1] for c in cuts] == [24, 24]
+    assert np.array_equal(cuts[0][1], labels[:, 16:]) and np.array_equal(cuts[1][1], labels[:, :24])
+    for cut_image, cut_labels in cuts:
+        assert cut_image.shape == cut_labels.shape and (cut_labels[0] == LIVER).any(axis=(1, 2)).sum() == 14
 
 
 def test_labels_reach_the_model_grid_by_nearest_neighbour() -> None:

@@ -11,9 +11,10 @@ No command prints a traceback; every outcome is an exit status and at most one l
 - 2: an expected error: bad arguments, a refused input, an unreachable server, a file that cannot be read
   or written. One line, ``medseg <command>: error: <what>``; a longer message (a server's startup log)
   goes to a log file that the line names;
-- 3: an internal error (a bug): ``medseg <command>: internal error (<ExceptionType>): <message>; details in
-  <log>``, the full traceback in a new file under ``$MEDSEG_LOG_DIR`` (default ``~/.cache/medseg/logs/``),
-  named by command, time and process id; where no log can be written the line says why;
+- 3: an internal error (a bug): ``medseg <command>: internal error (<ExceptionType> in <function>, <file>:<line>);
+  details in <log>``, the traceback in a new owner-only file under ``$MEDSEG_LOG_DIR`` (default
+  ``~/.cache/medseg/logs/``), named by command, time and process id; where no log can be written the line says
+  why. Neither quotes the exception's message: a library's message can quote a header value;
 - 130: interrupted (Ctrl-C).
 
 Outputs are written all or nothing (``medseg segment`` stages them), whatever the exit. Libraries' warnings
@@ -297,7 +298,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 EXIT_NOTHING_REPORTED, EXIT_ERROR, EXIT_INTERNAL, EXIT_INTERRUPTED = 1, 2, 3, 130
 LOG_DIR_ENV = "MEDSEG_LOG_DIR"
-MAX_LINE = 300  # characters of an exception's message quoted on the one line
+MAX_LINE = 300  # characters of an error message quoted on the one line
 
 
 def log_dir() -> Path:
@@ -341,13 +342,42 @@ def _expected_error(command: str, e: BaseException) -> str:
         return f"medseg {command}: error: {first}; {len(lines) - 1} more lines not logged ({log_error.strerror or log_error})"
 
 
+def _frames(e: BaseException) -> list[traceback.FrameSummary]:
+    return list(traceback.extract_tb(e.__traceback__))
+
+
+def _where(e: BaseException) -> str:
+    """Where ``e`` was raised: the innermost frame's function, file name and line."""
+    frames = _frames(e)
+    if not frames:
+        return ""
+    f = frames[-1]
+    return f" in {f.name}, {Path(f.filename).name}:{f.lineno}"
+
+
+def _redacted_traceback(e: BaseException) -> str:
+    """The traceback of ``e`` and the exceptions chained to it: frames (file, line, function, code) and exception
+    types, never their messages: a library's message can quote what it read (a header value, a patient's name)."""
+    chain: list[BaseException] = []
+    cur: BaseException | None = e
+    while cur is not None and cur not in chain:
+        chain.append(cur)
+        cur = cur.__cause__ or (None if cur.__suppress_context__ else cur.__context__)
+    parts = []
+    for exc in reversed(chain):
+        parts.append("Traceback (most recent call last):\n" + "".join(traceback.format_list(_frames(exc)))
+                     + f"{type(exc).__module__}.{type(exc).__qualname__} (message left out)\n")
+    return "\nwhich led to:\n\n".join(parts)
+
+
 def _internal_error(command: str, e: BaseException) -> str:
-    """The one line of an internal error; its traceback goes to a new log file."""
-    head = f"medseg {command}: internal error ({type(e).__name__})" + (f": {one_line(str(e), MAX_LINE)}" if str(e).strip() else "")
+    """The one line of an internal error: its type and where it was raised, never its message (it may quote
+    patient data); the traceback, redacted the same way, goes to a new owner-only log file."""
+    head = f"medseg {command}: internal error ({type(e).__name__}{_where(e)})"
     try:
         path = write_log(command, f"medseg {command}: internal error at {time.strftime('%Y-%m-%d %H:%M:%S %z')}, "
                                   f"medseg {SPEC.version}, Python {sys.version.split()[0]}\n\n"
-                                  + "".join(traceback.format_exception(e)))
+                                  + _redacted_traceback(e))
     except OSError as log_error:
         return f"{head}; no log written ({one_line(log_error.strerror or str(log_error), MAX_LINE)})"
     return f"{head}; details in {path}"

@@ -49,7 +49,7 @@ import numpy as np
 from scipy import ndimage
 
 from medseg.errors import MedsegError, StudyError, one_line
-from medseg.metrics import FROC_SIZES, dice, froc, froc_point, locate_tumors, match_tumors, within_reach
+from medseg.metrics import ACCEPTANCE, BIG, FROC_SIZES, dice, froc, froc_point, locate_tumors, match_tumors, within_reach
 from medseg.spec import SPEC
 
 if TYPE_CHECKING:
@@ -62,7 +62,7 @@ SCHEMA = "medseg-evaluate/1"
 TUMOR = SPEC.label("liver_tumor").value
 _FULL = np.ones((3, 3, 3), bool)  # 26-connectivity
 # true tumor sizes by longest axial diameter (mm): key, display, [low, high)
-SIZE_BINS = (("ge_10mm", ">= 10 mm", 10.0, float("inf")), ("5_to_10mm", "5-10 mm", 5.0, 10.0),
+SIZE_BINS = ((BIG, ">= 10 mm", ACCEPTANCE.big_tumor_mm, float("inf")), ("5_to_10mm", "5-10 mm", 5.0, 10.0),
              ("lt_5mm", "< 5 mm", 0.0, 5.0))
 WORST_N = 3  # cases shown per criterion in worst/
 SEG_SOP_CLASSES = {"1.2.840.10008.5.1.4.1.1.66.4", "1.2.840.10008.5.1.4.1.1.66.7"}  # Segmentation, Label Map Seg.
@@ -467,7 +467,7 @@ def report_markdown(doc: dict[str, Any]) -> str:
         op = f["operating_point"]
         lines.append(f"{f['candidates']} candidates that passed the shape and contrast checks in {f['scans']} scans "
                      f"with tumors annotated ({data_cell}; {machine_cell}). Served operating point (confidence >= "
-                     f"{_fmt(op['threshold'], 2)}): sensitivity >= 10 mm {_fmt(op['sensitivity']['ge_10mm'])}, all "
+                     f"{_fmt(op['threshold'], 2)}): sensitivity >= 10 mm {_fmt(op['sensitivity'][BIG])}, all "
                      f"{_fmt(op['sensitivity']['all'])}, {_fmt(op['false_per_scan'])} false tumors per scan.")
     else:
         lines.append("No case has tumors annotated: no FROC curve.")
@@ -501,7 +501,7 @@ def plot_froc(doc: dict[str, Any], path: Path) -> None:
     f = doc["froc"]
     fig, ax = plt.subplots(figsize=(6, 4.5))
     if f["points"]:
-        for key, label, color in (("ge_10mm", "true tumors >= 10 mm", "tab:blue"), ("all", "all true tumors", "tab:orange")):
+        for key, label, color in ((BIG, "true tumors >= 10 mm", "tab:blue"), ("all", "all true tumors", "tab:orange")):
             pts = [(p["false_per_scan"], p["sensitivity"][key]) for p in f["points"] if p["sensitivity"][key] is not None]
             if pts:
                 ax.plot(*zip(*pts, strict=True), marker=".", color=color, label=label)
@@ -559,7 +559,7 @@ def summary_lines(doc: dict[str, Any]) -> str:
              f"liver Dice min {_fmt(ld['min'])} mean {_fmt(ld['mean'])} median {_fmt(ld['median'])} over {ld['n']} "
              f"annotated livers; {s['liver_true_negatives']} true negatives, {s['liver_false_positives']} false livers"]
     if s["tumor_annotated_cases"]:
-        lines.append(f"tumors >= 10 mm found {_sens(s['tumors']['ge_10mm'])}, 5-10 mm {_sens(s['tumors']['5_to_10mm'])}, "
+        lines.append(f"tumors >= 10 mm found {_sens(s['tumors'][BIG])}, 5-10 mm {_sens(s['tumors']['5_to_10mm'])}, "
                      f"< 5 mm {_sens(s['tumors']['lt_5mm'])}; {s['false_tumors']} false tumors "
                      f"({_fmt(s['false_tumors_per_scan'])} per scan)")
     if s["unverified_tumors"]:
@@ -750,9 +750,10 @@ def read_seg_truth(case: Case, study: Study, label_map: LabelMap | None) -> tupl
             pixels = seg.get_pixels_by_source_instance(
                 [str(h.SOPInstanceUID) for h in headers], segment_numbers=numbers,
                 assert_missing_frames_are_empty=True, skip_overlap_checks=True)
-    except Exception as e:  # highdicom raises ValueError/KeyError/RuntimeError for SEGs of other frames
+    except Exception as e:  # highdicom raises ValueError/KeyError/RuntimeError for SEGs of other frames; its
+        # message quotes UIDs from the headers, so only its type is said
         raise DataError(f"{case.name}: the SEG's frames do not map onto the CT series' slices "
-                        f"({type(e).__name__}: {' '.join(str(e).split())[:160]})") from e
+                        f"({type(e).__name__})") from e
     fractional = np.issubdtype(pixels.dtype, np.floating)
 
     def mask_of(values: frozenset[int]) -> np.ndarray:

@@ -16,6 +16,7 @@ import nvidia.dali.fn as fn
 import nvidia.dali.math as dmath
 import nvidia.dali.types as types
 
+from medseg.preprocess import PAD_VALUE
 from medseg.spec import SPEC
 
 _CT, _SPACING = (t.name for t in SPEC.preprocess.inputs)
@@ -37,7 +38,7 @@ def ct_preprocess_graph(device: str = "gpu"):  # type: ignore[no-untyped-def]
     grid = vol.shape()[1:]
     lo, hi = SPEC.hu_window
     vol = (dmath.clamp(vol, lo, hi) - lo) * (1.0 / (hi - lo))
-    vol = fn.pad(vol, axes=(1, 2, 3), align=SPEC.network.size_divisor, fill_value=0.0)
+    vol = fn.pad(vol, axes=(1, 2, 3), align=SPEC.network.size_divisor, fill_value=PAD_VALUE)
     return vol, fn.cast(grid, dtype=types.INT64)
 
 

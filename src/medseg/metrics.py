@@ -27,8 +27,9 @@ class Acceptance:
 
 
 ACCEPTANCE = Acceptance()
+BIG = f"ge_{ACCEPTANCE.big_tumor_mm:g}mm"  # the key of the tumors the sensitivity bar is about, wherever sizes are keyed
 # named ranges of true tumor diameters (mm) whose sensitivity a FROC point reports: [low, high)
-FROC_SIZES: dict[str, tuple[float, float]] = {"ge_10mm": (10.0, float("inf")), "all": (0.0, float("inf"))}
+FROC_SIZES: dict[str, tuple[float, float]] = {BIG: (ACCEPTANCE.big_tumor_mm, float("inf")), "all": (0.0, float("inf"))}
 
 
 def dice(pred: np.ndarray, truth: np.ndarray, ignore: np.ndarray | None = None) -> float:

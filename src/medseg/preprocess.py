@@ -68,7 +68,10 @@ def resample_linear(vol: np.ndarray, spacing: Sequence[float], out_spacing: Sequ
     return out
 
 
-def pad_to_divisor(vol: np.ndarray, value: float = 0.0) -> np.ndarray:
+PAD_VALUE = 0.0  # windowed intensity of the padding (the window's low end): what the network sees past a scan's ends
+
+
+def pad_to_divisor(vol: np.ndarray, value: float = PAD_VALUE) -> np.ndarray:
     """Pad a (z, y, x) volume at its far ends up to the network's size divisor."""
     target = padded_shape(vol.shape)  # type: ignore[arg-type]
     pads = [(0, t - n) for t, n in zip(target, vol.shape, strict=True)]

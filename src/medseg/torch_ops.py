@@ -14,7 +14,7 @@ from typing import Any
 
 import numpy as np
 
-from medseg.preprocess import source_coordinates, target_indices
+from medseg.preprocess import PAD_VALUE, source_coordinates, target_indices
 from medseg.spec import SPEC, model_grid_shape, padded_shape
 
 
@@ -48,7 +48,7 @@ def preprocess(ct: Any, spacing: Sequence[float]) -> tuple[Any, tuple[int, int, 
         vol = _linear_axis(vol, axis, grid[axis], SPEC.model_spacing[axis] / float(spacing[axis]))
     vol = window(vol)
     target = padded_shape(grid)
-    vol = F.pad(vol, (0, target[2] - grid[2], 0, target[1] - grid[1], 0, target[0] - grid[0]))
+    vol = F.pad(vol, (0, target[2] - grid[2], 0, target[1] - grid[1], 0, target[0] - grid[0]), value=PAD_VALUE)
     return vol[None], grid
 
 
