@@ -67,12 +67,20 @@ class RandSyntheticTumord:
         return {**data, "image": image, "label": labels}
 
 
+MIN_CUT_SLICES = 4  # a liver on fewer slices than this is not cut (nothing of it would stay on both sides)
+
+
+def liver_slices(labels: np.ndarray) -> np.ndarray:
+    """The z indices of the slices of (1, Z, Y, X) ``labels`` that hold liver (or tumor), ascending."""
+    return np.flatnonzero((labels[0] > 0).any(axis=(1, 2)))
+
+
 def end_scan(image: np.ndarray, labels: np.ndarray, rng: np.random.Generator) -> bool:
     """End the scan of (1, Z, Y, X) ``image``/``labels`` in place at an axial plane through the liver, towards
     either end: past it the image becomes the preprocessing's padding and the labels background, as served.
     False if the patch has too little liver along z to cut."""
-    slices = np.flatnonzero((labels[0] > 0).any(axis=(1, 2)))
-    if len(slices) < 4:
+    slices = liver_slices(labels)
+    if len(slices) < MIN_CUT_SLICES:
         return False
     cut = int(rng.integers(slices[0] + 1, slices[-1]))
     gone = np.s_[:, cut:] if rng.random() < 0.5 else np.s_[:, :cut]

@@ -13,6 +13,7 @@ from __future__ import annotations
 import numpy as np
 from tqdm import tqdm
 
+from export.augment import MIN_CUT_SLICES, liver_slices
 from medseg.phantom import GENERATOR_VERSION, REGIONS, generate
 from medseg.preprocess import source_coordinates
 from medseg.spec import REPO_ROOT, SPEC
@@ -67,8 +68,8 @@ def scan_end_cases(cases: list[tuple[np.ndarray, np.ndarray]], kept: float = 0.7
     z extent remains, once at each end (what real abdominal and chest scans do); for validation as served."""
     out = []
     for image, labels in cases:
-        slices = np.flatnonzero((labels[0] > 0).any(axis=(1, 2)))
-        if len(slices) < 4:
+        slices = liver_slices(labels)
+        if len(slices) < MIN_CUT_SLICES:
             continue
         extent = slices[-1] + 1 - slices[0]
         top, bottom = slices[0] + round((1 - kept) * extent), slices[0] + round(kept * extent)
