@@ -48,12 +48,15 @@ $(REALCT)/reference_files/.extracted-stamp: | $(STAMP)
 	mv $(REALCT)/reference_files.partial $(REALCT)/reference_files
 
 venv: $(STAMP)
-$(STAMP): pyproject.toml
+$(STAMP): pyproject.toml clients/pyproject.toml
 	test -x $(PY) || python3 -m venv .venv
 	$(PY) -m pip install --quiet --upgrade pip
 	# torch first, pinned: the CPU build (a GPU host installs its own beforehand)
 	$(PY) -m pip install --quiet "torch==2.13.0"
-	$(PY) -m pip install --quiet -e ".[dev]"
+	# the thin client first (clients/, its own distribution), then the server side that depends on it; a stale ./medseg.egg-info of the
+	# former one-distribution layout would hide the server's commands from `medseg`
+	rm -rf medseg.egg-info
+	$(PY) -m pip install --quiet -e ./clients -e ".[dev]"
 	touch $(STAMP)
 
 # ONNX export (checked against PyTorch) + provenance, rebuilt when the weights change
@@ -62,7 +65,7 @@ $(ONNX): $(WEIGHTS) export/export_onnx.py $(STAMP)
 	OMP_NUM_THREADS=2 $(PY) -m export.export_onnx
 
 configs: $(STAMP)
-	$(PY) -m medseg.configgen
+	$(PY) -m medseg.serving.configgen
 
 demo: $(STAMP) $(ONNX)
 	$(PY) -m medseg_client.cli demo --out demo_out
@@ -74,7 +77,7 @@ lint: $(STAMP)
 test: $(STAMP) $(ONNX) sysdeps $(PERF_ANALYZER) realct lint
 	$(PYTEST)
 
-test-unit: $(STAMP) sysdeps realct
+test-unit: $(STAMP) $(ONNX) sysdeps realct
 	$(PYTEST) -m "not server and not slow"
 
 test-server: $(STAMP) $(ONNX) sysdeps $(PERF_ANALYZER) realct
@@ -110,4 +113,4 @@ weights: $(STAMP)
 	  --ce-weights 1 1 2 --synthetic-tumors 0.5 --out export/weights
 
 clean:
-	rm -rf demo_out .cache .pytest_cache .mypy_cache .ruff_cache .triton_backends .perf_tools
+	rm -rf demo_out .cache .pytest_cache .mypy_cache .ruff_cache .triton_backends .perf_tools medseg.egg-info

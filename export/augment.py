@@ -17,8 +17,8 @@ from typing import Any
 
 import numpy as np
 
-from medseg.preprocess import PAD_VALUE
-from medseg.spec import SPEC
+from medseg.ops.preprocess import PAD_VALUE
+from medseg_client.spec import SPEC
 
 LIVER = SPEC.label("liver").value
 TUMOR = SPEC.label("liver_tumor").value

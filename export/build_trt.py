@@ -22,12 +22,12 @@ from typing import Any
 
 import numpy as np
 
-from medseg.errors import ArtifactError
-from medseg.metrics import dice
-from medseg.spec import MODEL_REPOSITORY, SPEC, padded_shape
+from medseg.accuracy.metrics import AGREEMENT_DICE, dice
+from medseg.paths import ONNX_MODEL
+from medseg_client.errors import ArtifactError
+from medseg_client.spec import SPEC, padded_shape
 
-VERSION_DIR = MODEL_REPOSITORY / SPEC.segmenter.name / str(SPEC.segmenter.version)
-GATE = {"fp16": 0.99, "int8": 0.98}  # minimum Dice per label against ONNX Runtime
+GATE = {"fp16": AGREEMENT_DICE, "int8": 0.98}  # minimum Dice per label against ONNX Runtime
 GATE_SEEDS = (4300, 4301, 4302)  # held out: never used in training, validation or the export check
 CALIBRATION_SEEDS = tuple(range(4400, 4408))
 
@@ -63,14 +63,16 @@ def fit_to(image: np.ndarray, spatial: Sequence[int]) -> np.ndarray:
             start = (m - n) // 2
             src.append(slice(0, n))
             dst.append(slice(start, start + n))
-    out[(slice(None), *dst)] = image[(slice(None), *src)]
+    all_channels_dst = (slice(None), *dst)  # every channel, then the box (a name: 3.10 has no x[a, *b])
+    all_channels_src = (slice(None), *src)  # every channel, then the box (a name: 3.10 has no x[a, *b])
+    out[all_channels_dst] = image[all_channels_src]
     return out
 
 
 def calibration_batches(seeds: Sequence[int] = CALIBRATION_SEEDS) -> Iterator[np.ndarray]:
     """Preprocessed phantom volumes at the profile's opt shape, (1, 1, Z, Y, X) float32, for INT8 calibration."""
-    from medseg.dali_pipeline import CpuPreprocessor
-    from medseg.phantom import generate
+    from medseg.ops.dali_pipeline import CpuPreprocessor
+    from medseg.synth.phantom import generate
 
     pre = CpuPreprocessor()
     opt = optimization_profile().opt
@@ -210,10 +212,10 @@ class EngineRunner:
 
 def gate_engine(engine_path: Path, onnx_path: Path, precision: str, seeds: Sequence[int] = GATE_SEEDS) -> GateResult:
     """Labels of the engine vs ONNX Runtime on held-out phantoms, through the same pre/postprocessing."""
-    from medseg.dali_pipeline import CpuPreprocessor
-    from medseg.inference import OnnxSegmenter
-    from medseg.phantom import generate
-    from medseg.postprocess import logits_to_labels
+    from medseg.model.inference import OnnxSegmenter
+    from medseg.ops.dali_pipeline import CpuPreprocessor
+    from medseg.ops.postprocess import logits_to_labels
+    from medseg.synth.phantom import generate
 
     pre, ort, engine = CpuPreprocessor(), OnnxSegmenter(onnx_path), EngineRunner(engine_path)
     pairs = []
@@ -227,8 +229,8 @@ def gate_engine(engine_path: Path, onnx_path: Path, precision: str, seeds: Seque
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--precision", choices=sorted(GATE), default="fp16")
-    ap.add_argument("--onnx", type=Path, default=VERSION_DIR / "model.onnx")
-    ap.add_argument("--out", type=Path, default=VERSION_DIR / "model.plan")
+    ap.add_argument("--onnx", type=Path, default=ONNX_MODEL)
+    ap.add_argument("--out", type=Path, default=ONNX_MODEL.with_name("model.plan"))
     args = ap.parse_args(argv)
     staged = args.out.with_suffix(".plan.tmp")
     t0 = time.time()

@@ -14,9 +14,10 @@ import numpy as np
 from tqdm import tqdm
 
 from export.augment import MIN_CUT_SLICES, liver_slices
-from medseg.phantom import GENERATOR_VERSION, REGIONS, generate
-from medseg.preprocess import source_coordinates
-from medseg.spec import REPO_ROOT, SPEC
+from medseg.ops.preprocess import source_coordinates
+from medseg.paths import REPO_ROOT
+from medseg.synth.phantom import GENERATOR_VERSION, REGIONS, generate
+from medseg_client.spec import SPEC
 
 CACHE = REPO_ROOT / ".cache" / "train"
 PHANTOM_RECIPE = f"medseg.phantom.generate(seed, region) v{GENERATOR_VERSION}"
@@ -79,7 +80,7 @@ def scan_end_cases(cases: list[tuple[np.ndarray, np.ndarray]], kept: float = 0.7
 
 def load_cases(cases: list[tuple[int, str]], desc: str) -> list[tuple[np.ndarray, np.ndarray]]:
     """Build (or read from the cache) the phantoms of ``cases`` (seed, region) with a progress bar."""
-    from medseg.dali_pipeline import CpuPreprocessor
+    from medseg.ops.dali_pipeline import CpuPreprocessor
 
     pre = CpuPreprocessor()
     return [training_case(s, r, pre) for s, r in tqdm(cases, desc=desc, unit="study")]

@@ -21,7 +21,7 @@
    ``medseg evaluate``'s own functions (``medseg_client.evaluate``: the client of ``medseg segment``), each report
    (metrics.json, report.md, froc.png, dice.png, worst/) into ``<out>/<machine>/accuracy/<set>/``.
 3. Writes ``<out>/<machine>/accuracy/README.md`` (with ``data.json``, the data sets' manifest): one table over
-   the sets, each figure with its data, machine and date, and the acceptance bars (``medseg.metrics.ACCEPTANCE``)
+   the sets, each figure with its data, machine and date, and the acceptance bars (``medseg.accuracy.metrics.ACCEPTANCE``)
    each stated met or not as computed; ``--readme`` copies its block into README.md between the accuracy markers.
 
 Exits 0 when it ran, whatever the figures (the table says which bars are met); 2 with one line when it cannot run.
@@ -43,13 +43,13 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from medseg.errors import MedsegError
-from medseg.metrics import ACCEPTANCE, BIG
-from medseg.network import sha256_of
-from medseg.spec import REPO_ROOT
+from medseg.accuracy.metrics import ACCEPTANCE, BIG
+from medseg.model.network import sha256_of
+from medseg.paths import REPO_ROOT
+from medseg_client.errors import MedsegError
 
 if TYPE_CHECKING:
-    from medseg.studies import Study
+    from medseg_client.io.studies import Study
 
 EVAL_SEEDS = tuple(range(5002, 5010))  # = tests.conftest.EVAL_SEEDS (a test holds them equal)
 NEGATIVE_REGIONS = ("head", "neck", "chest", "pelvis", "legs", "no_liver", "liver_tip")  # = tests/test_accuracy.py's
@@ -101,7 +101,7 @@ SETS = (
 
 def _save_pair(folder: Path, case: str, volume_zyx: np.ndarray, labels_zyx: np.ndarray, affine_lps: np.ndarray) -> None:
     """A canonical (z, y, x) volume and its labels as an nnU-Net case, through the (x, y, z) -> LPS affine."""
-    from medseg.studies import save_nifti
+    from medseg_client.io.studies import save_nifti
 
     affine_ras = _RAS_FROM_LPS @ affine_lps
     save_nifti(np.ascontiguousarray(volume_zyx.transpose(2, 1, 0)), affine_ras, folder / "imagesTs" / f"{case}_0000.nii.gz")
@@ -116,7 +116,7 @@ def _nnunet_dirs(folder: Path) -> None:
 
 def build_phantoms(folder: Path) -> dict[str, Any]:
     """The unseen phantoms, their labels as generated."""
-    from medseg.phantom import generate
+    from medseg.synth.phantom import generate
 
     _nnunet_dirs(folder)
     cases = {}
@@ -136,7 +136,7 @@ def noise_affine_lps(spacing_zyx: Sequence[float]) -> np.ndarray:
 
 def build_negatives(folder: Path) -> dict[str, Any]:
     """A phantom per region without a liver in view, and a noise volume: every label 0."""
-    from medseg.phantom import generate, noise_volume
+    from medseg.synth.phantom import generate, noise_volume
 
     _nnunet_dirs(folder)
     cases = {}
@@ -175,7 +175,7 @@ def example_ct_labels(seg: np.ndarray, ct_shape: Sequence[int]) -> np.ndarray:
 
 def on_study_grid(values_native: np.ndarray, affine_ras: np.ndarray, study: Study, atol_mm: float = 0.05) -> np.ndarray:
     """A label volume with its own RAS affine onto the study's canonical (z, y, x) grid, reoriented as the reader
-    reorients a NIfTI (``medseg.studies._canonical``); refused unless it lands on the study's voxels."""
+    reorients a NIfTI (``medseg_client.io.studies._canonical``); refused unless it lands on the study's voxels."""
     from nibabel.orientations import apply_orientation, axcodes2ornt, inv_ornt_aff, io_orientation, ornt_transform
 
     ornt = ornt_transform(io_orientation(affine_ras), axcodes2ornt(("L", "P", "S")))
@@ -193,8 +193,8 @@ def build_realct(folder: Path, source: Path) -> dict[str, Any]:
     with a SEG of its liver label."""
     import nibabel as nib
 
-    from medseg.dicom_seg import write_seg
-    from medseg.studies import read_study, save_nifti
+    from medseg_client.io.seg import write_seg
+    from medseg_client.io.studies import read_study, save_nifti
 
     nifti, dicom = folder / "nifti", folder / "dicom"
     _nnunet_dirs(nifti)
@@ -225,7 +225,7 @@ def build_realct(folder: Path, source: Path) -> dict[str, Any]:
 
 def data_keys(realct: Path) -> dict[str, dict[str, Any]]:
     """What each cached data set is made from: a cached set whose key differs is rebuilt."""
-    from medseg.phantom import GENERATOR_VERSION
+    from medseg.synth.phantom import GENERATOR_VERSION
 
     sources = [realct / REALCT_CT, realct / REALCT_CT_LABELS, realct / REALCT_MR, realct / REALCT_DICOM_LABELS]
     missing = [p for p in [*sources, realct / REALCT_DICOM] if not p.exists()]
@@ -277,7 +277,7 @@ def prepare_data(cache: Path, realct: Path) -> dict[str, Any]:
 
 def run_sets(url: str, cache: Path, accuracy: Path) -> dict[str, dict[str, Any]]:
     """``medseg evaluate`` of every set through the server at ``url``; the metrics documents by set."""
-    from medseg_client.evaluate import evaluate_to_dir, parse_label_map, summary_lines
+    from medseg.accuracy.evaluate import evaluate_to_dir, parse_label_map, summary_lines
 
     docs = {}
     for s in SETS:
@@ -313,7 +313,7 @@ def _nothing_reported(r: dict[str, Any]) -> bool:
 def block_lines(docs: dict[str, dict[str, Any]], data: dict[str, Any], machine: str) -> list[str]:
     """The accuracy block (markers included) of the metrics documents by set, their data sets' manifest and the
     machine's name: a row per figure with its bar, whether it is met (computed), its data, machine and date."""
-    from medseg_client.evaluate import _cell
+    from medseg.accuracy.evaluate import _cell
 
     described = data.get("sets", {})
     lines = [BEGIN, "| set | figure | value | bar | | data | machine, date |", "|---|---|---|---|---|---|---|"]
@@ -385,7 +385,7 @@ def block_lines(docs: dict[str, dict[str, Any]], data: dict[str, Any], machine: 
     missing = [s.name for s in SETS if s.name not in docs]
     models = {json.dumps(d["server"].get("model"), sort_keys=True) for d in docs.values()}
     model = next((d["server"]["model"] for d in docs.values() if d["server"].get("model")), None) or {}
-    lines += ["", f"Bars (`medseg.metrics.ACCEPTANCE`): {sum(verdicts)} of {len(verdicts)} met."
+    lines += ["", f"Bars (`medseg.accuracy.metrics.ACCEPTANCE`): {sum(verdicts)} of {len(verdicts)} met."
               + (f" Sets not run: {', '.join(missing)}." if missing else ""),
               "",
               f"Model `{model.get('ensemble', '?')}` version {model.get('version', '?')}, weights sha256 "
@@ -436,7 +436,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--realct", type=Path, default=DEFAULT_REALCT, help="TotalSegmentator's reference_files (make realct)")
     ap.add_argument("--readme", action="store_true", help="copy the table into README.md between the accuracy markers")
     args = ap.parse_args(argv)
-    from medseg.server import EmbeddedServer, ServerOptions
+    from medseg.serving.server import EmbeddedServer, ServerOptions
     from perf.bench import machine_label
 
     t0 = time.perf_counter()

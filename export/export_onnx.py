@@ -18,12 +18,13 @@ from pathlib import Path
 
 import numpy as np
 
-from medseg.errors import ArtifactError
-from medseg.network import load_network, sha256_of, weights_info
-from medseg.provenance import FILENAME
-from medseg.spec import MODEL_REPOSITORY, SPEC
+from medseg.model.network import load_network, sha256_of, weights_info
+from medseg.model.provenance import FILENAME
+from medseg.paths import ONNX_MODEL
+from medseg_client.errors import ArtifactError
+from medseg_client.spec import SPEC
 
-DEFAULT_OUT = MODEL_REPOSITORY / SPEC.segmenter.name / str(SPEC.segmenter.version) / "model.onnx"
+DEFAULT_OUT = ONNX_MODEL
 VERIFY_SEED = 4242  # a phantom outside the training and validation seeds
 MIN_AGREEMENT = 0.999  # fraction of voxels whose argmax label must match
 
@@ -49,9 +50,9 @@ def verify(path: Path, tolerance: float) -> dict[str, float]:
     import onnx
     import torch
 
-    from medseg.dali_pipeline import CpuPreprocessor
-    from medseg.inference import OnnxSegmenter
-    from medseg.phantom import generate
+    from medseg.model.inference import OnnxSegmenter
+    from medseg.ops.dali_pipeline import CpuPreprocessor
+    from medseg.synth.phantom import generate
 
     onnx.checker.check_model(str(path))
     ph = generate(VERIFY_SEED, num_slices=80)

@@ -9,7 +9,7 @@ tumors of 10 mm and more against false tumors per scan. The operating point is t
 sensitivity whose false tumors per scan stay at or under ``--max-fp-per-scan`` (by default the acceptance bar,
 ``ACCEPTANCE.false_tumors_per_study``; the highest such threshold among equals). It is written with the whole
 curve to ``export/weights/operating_point.json``; the spec's ``tumor_threshold`` must equal it (a test holds them
-together), so after a retraining: run this, copy the value into ``medseg.spec.Plausibility.tumor_threshold``,
+together), so after a retraining: run this, copy the value into ``medseg_client.spec.Plausibility.tumor_threshold``,
 regenerate the configs.
 """
 
@@ -22,14 +22,15 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from medseg_client.evaluate import passed_checks
 from tqdm import tqdm
 
-from medseg.metrics import ACCEPTANCE, BIG, froc, locate_tumors, within_reach
-from medseg.network import weights_info
-from medseg.phantom import generate
-from medseg.pipeline import ReferencePipeline
-from medseg.spec import SPEC, WEIGHTS_DIR
+from medseg.accuracy.evaluate import passed_checks
+from medseg.accuracy.metrics import ACCEPTANCE, BIG, froc, locate_tumors, within_reach
+from medseg.model.network import weights_info
+from medseg.model.pipeline import ReferencePipeline
+from medseg.paths import WEIGHTS_DIR
+from medseg.synth.phantom import generate
+from medseg_client.spec import SPEC
 
 OPERATING_POINT = WEIGHTS_DIR / "operating_point.json"
 FROC_SEEDS = list(range(3000, 3012))
@@ -40,7 +41,7 @@ NEGATIVE_CASES = [(3100 + i, r) for i, r in enumerate(("chest", "head", "pelvis"
 
 def collect(pipe: ReferencePipeline, seeds: list[int]) -> list[dict[str, Any]]:
     """Per phantom: its true tumors and the candidates that passed the shape and contrast checks (confidence,
-    the true tumors each reaches), in the case shape of ``medseg.metrics.froc``."""
+    the true tumors each reaches), in the case shape of ``medseg.accuracy.metrics.froc``."""
     cases = []
     for seed in tqdm(seeds, desc="held-out phantoms", unit="study"):
         ph = generate(seed)

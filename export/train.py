@@ -27,11 +27,12 @@ import numpy as np
 
 from export.augment import RandScanEndd, RandSyntheticTumord
 from export.data import PHANTOM_RECIPE, TRAIN_MIX, VAL_CASES, load_cases, scan_end_cases, train_cases
-from medseg.metrics import dice
-from medseg.network import MANIFEST_FILE, WEIGHTS_FILE, build_network, sha256_of
-from medseg.spec import SPEC, padded_shape
+from medseg.accuracy.metrics import dice
+from medseg.model.network import MANIFEST_FILE, WEIGHTS_FILE, build_network, sha256_of
+from medseg_client.spec import SPEC, padded_shape
 
 PATCH = (96, 96, 96)
+TUMOR = SPEC.label("liver_tumor").value
 BATCH = 2  # patches per step, each from another case
 FALSE_LIVER_SCALE_ML = 100.0  # a scan without a liver costs its validation score in full at this much false liver
 
@@ -60,7 +61,7 @@ def validate(model: Any, cases: list[tuple[np.ndarray, np.ndarray]]) -> dict[str
         truth = labels[0]
         if truth.any():
             liver.append(dice(pred > 0, truth > 0))
-            tumor.append(dice(pred == 2, truth == 2))
+            tumor.append(dice(pred == TUMOR, truth == TUMOR))
         else:
             false_ml.append(float((pred > 0).sum()) * voxel_ml)
     return {"liver": float(np.mean(liver)), "tumor": float(np.mean(tumor)),
@@ -209,7 +210,7 @@ def train(epochs: int, iters_per_epoch: int, out: Path, seed: int, lr: float, in
                         "never_training_data": "real CT (make realct): development and acceptance only",
                         "class_ratios": list(class_ratios), "ce_weights": list(ce_weights),
                         "synthetic_tumors": synthetic_tumors, "scan_ends": scan_ends,
-                        "preprocessing": "medseg.dali_pipeline.ct_preprocess (DALI, CPU)"},
+                        "preprocessing": "medseg.ops.dali_pipeline.ct_preprocess (DALI, CPU)"},
         "epochs": epochs,
         "iters_per_epoch": iters_per_epoch,
         "best_epoch": best["epoch"],

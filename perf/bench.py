@@ -32,15 +32,16 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from medseg_client.client import SegmentationClient
 from tqdm import tqdm
 
-from medseg.metrics import dice
-from medseg.phantom import Phantom, generate
-from medseg.pipeline import ReferencePipeline
-from medseg.provenance import cpu_model
-from medseg.server import EmbeddedServer, ServerOptions
-from medseg.spec import MODEL_REPOSITORY, REPO_ROOT, SPEC
+from medseg.accuracy.metrics import AGREEMENT_DICE, dice
+from medseg.model.pipeline import ReferencePipeline
+from medseg.model.provenance import cpu_model
+from medseg.paths import MODEL_REPOSITORY, REPO_ROOT
+from medseg.serving.server import EmbeddedServer, ServerOptions
+from medseg.synth.phantom import Phantom, generate
+from medseg_client.client import SegmentationClient
+from medseg_client.spec import SPEC
 from perf import pa, report
 from perf.monai_baseline import MonaiBaseline
 
@@ -92,7 +93,7 @@ def served(flavor: str, instances: int = 1) -> Iterator[EmbeddedServer]:
     """The embedded server on free ports; ``instances`` > 1 serves a copy of the repository with that count."""
     repo, tmp = MODEL_REPOSITORY, None
     if instances != 1:
-        import medseg.configgen as configgen
+        import medseg.serving.configgen as configgen
 
         tmp = Path(tempfile.mkdtemp(prefix="medseg-bench-"))
         flavored = {rel: cfg for rel, cfg in configgen.config_dicts().items() if rel.endswith(f"configs/{flavor}.pbtxt")}
@@ -101,7 +102,7 @@ def served(flavor: str, instances: int = 1) -> Iterator[EmbeddedServer]:
         repo = configgen.repository_variant(tmp / "model_repository", flavored)
     extra = []
     if flavor == "cuda":
-        from medseg.flavors import cuda_memory_pool_args
+        from medseg.serving.flavors import cuda_memory_pool_args
 
         extra = cuda_memory_pool_args()
     try:
@@ -222,9 +223,9 @@ def main(argv: list[str] | None = None) -> int:
         report.update_readme(REPO_ROOT / "README.md", out / "bench.md")
     print(f"wrote {', '.join(p.name for p in written)} in {out} ({doc['wall_s']:.0f} s)")
     bad = [(r["slices"], k, v) for r in rows for key in ("dice_served_vs_reference", "dice_served_shm_vs_reference")
-           for k, v in r[key].items() if v < 0.99]
+           for k, v in r[key].items() if v < AGREEMENT_DICE]
     for slices, name, value in bad:
-        print(f"FAIL: {slices} slices, {name}: served vs reference Dice {value} < 0.99")
+        print(f"FAIL: {slices} slices, {name}: served vs reference Dice {value} < {AGREEMENT_DICE}")
     return 1 if bad else 0
 
 

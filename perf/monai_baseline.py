@@ -16,7 +16,7 @@ from typing import Any
 
 import numpy as np
 
-from medseg.spec import SPEC
+from medseg_client.spec import SPEC
 
 
 class MonaiBaseline:
@@ -27,7 +27,7 @@ class MonaiBaseline:
         import torch
         from monai.transforms import Compose, ScaleIntensityRange, Spacing
 
-        from medseg.network import load_network
+        from medseg.model.network import load_network
 
         if threads:
             torch.set_num_threads(threads)

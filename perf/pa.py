@@ -18,10 +18,11 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from medseg_client.client import STAT_STEPS, model_statistics
 
-from medseg.errors import ServerError
-from medseg.spec import REPO_ROOT, SPEC
+from medseg.paths import REPO_ROOT
+from medseg_client.client import STAT_STEPS, model_statistics
+from medseg_client.errors import ServerError
+from medseg_client.spec import SPEC
 
 BINARY = REPO_ROOT / ".perf_tools" / "bin" / "perf_analyzer"
 

@@ -15,8 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from medseg_client.client import STAT_STEPS
-
-from medseg.spec import SPEC
+from medseg_client.spec import SPEC
 
 BEGIN, END = "<!-- bench:headline:begin -->", "<!-- bench:headline:end -->"
 E2E_TARGET_S, SPEEDUP_TARGET = 4.0, 4.0  # the cpu flavor's targets for a 512 x 512 x 300 CT through Triton

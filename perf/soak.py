@@ -24,12 +24,12 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from medseg_client.client import SegmentationClient
 
-from medseg.errors import MedsegError
-from medseg.phantom import generate
-from medseg.server import EmbeddedServer, ServerOptions
-from medseg.spec import REPO_ROOT
+from medseg.paths import REPO_ROOT
+from medseg.serving.server import EmbeddedServer, ServerOptions
+from medseg.synth.phantom import generate
+from medseg_client.client import SegmentationClient
+from medseg_client.errors import MedsegError
 
 SEED, SLICES, SLICE_MM = 5102, 48, 2.5  # a short abdominal study: many requests in half an hour
 LIMITS = {"errors": 0, "rss_growth_mb": 100.0, "p99_drift": 0.20}

@@ -1,20 +1,68 @@
-"""Helpers shared by the tests: wait for what a test needs to have happened (never for a fixed time), and the
-DICOM validator as an oracle (a test that needs it is marked, and skipped with the reason where it is missing)."""
+"""Helpers shared by the tests (the one place for them: test modules import from here, never from each other or
+from conftest): the seeds and flavor of a run, waiting for what a test needs to have happened (never for a fixed
+time), `medseg serve` as a subprocess, and the DICOM validator as an oracle (a test that needs it is marked, and
+skipped with the reason where it is missing)."""
 
 from __future__ import annotations
 
+import os
 import shutil
+import signal
 import subprocess
+import sys
+import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
+from types import TracebackType
 from typing import TypeVar
 
 import pytest
 
+from medseg.model.provenance import provenance_path
+from medseg.paths import MODEL_REPOSITORY, ONNX_MODEL
+from medseg_client.spec import SPEC
+
 T = TypeVar("T")
 
 POLL_S = 0.02  # between two looks at the state waited for
+# seeds never used in training (1000-1047), validation (2000-2004), the operating point (3000-3011) or the export
+# check (4242); the acceptance runs on EVAL_SEEDS, quicker tests on the first three
+EVAL_SEEDS = tuple(range(5002, 5010))
+UNSEEN_SEEDS = EVAL_SEEDS[:3]
+TEST_FLAVOR = os.environ.get("MEDSEG_TEST_FLAVOR", "cpu")
+if TEST_FLAVOR not in ("cpu", "cuda"):
+    raise pytest.UsageError(f"MEDSEG_TEST_FLAVOR must be cpu or cuda, got {TEST_FLAVOR!r}")
+
+
+CUDA_REASON = "needs an NVIDIA GPU and a CUDA build of PyTorch (none here)"
+
+
+def cuda_available() -> bool:
+    """Whether torch sees a CUDA GPU here: the gpu-marked tests run only then."""
+    try:
+        import torch
+    except ImportError:
+        return False
+    return bool(torch.cuda.is_available())
+
+
+def tritonserver_pid(serve_pid: int) -> int | None:
+    """The tritonserver that a `medseg serve` process runs right now (None between a crash and its restart)."""
+    from medseg.serving.server import child_processes
+
+    return next((pid for pid, name in child_processes(serve_pid) if name.startswith("tritonserver")), None)
+
+
+def artifacts_missing() -> str | None:
+    if not ONNX_MODEL.exists() or not provenance_path(MODEL_REPOSITORY).exists():
+        return "model artifacts not built: run `make artifacts`"
+    return None
+
+# the scans without a liver the acceptance judges (phantom regions): nothing may be reported on any
+NEGATIVES = ("head", "neck", "chest", "pelvis", "legs", "no_liver", "liver_tip")
+# a SEG's provenance for writer tests (not a real model's)
+PROVENANCE = {"ensemble": SPEC.ensemble.name, "version": 1, "weights_sha256": "a" * 64, "onnx_sha256": "b" * 64}
 
 
 def wait_until(look: Callable[[], T], what: str, timeout_s: float = 60.0) -> T:
@@ -33,6 +81,7 @@ def wait_until(look: Callable[[], T], what: str, timeout_s: float = 60.0) -> T:
 def served_count(url: str, model: str, headers: dict[str, str] | None = None) -> int:
     """How many requests ``model`` of the Triton server at ``url`` has completed successfully."""
     import tritonclient.grpc as grpcclient
+
     from medseg_client.client import model_statistics
 
     with grpcclient.InferenceServerClient(url) as client:
@@ -48,3 +97,74 @@ def dciodvfy_errors(path: Path) -> list[str]:
 
 needs_dciodvfy = pytest.mark.skipif(shutil.which("dciodvfy") is None,
                                     reason="dciodvfy not installed (Debian dicom3tools; `make sysdeps`)")
+
+
+class ServeProcess:
+    """``medseg serve`` as a user runs it: a subprocess on free loopback ports (``args`` add to or override them),
+    its output lines collected as they come; a context manager that stops it (SIGTERM, then SIGKILL)."""
+
+    def __init__(self, *args: str, env: dict[str, str] | None = None) -> None:
+        from medseg.serving.server import free_port
+
+        self.grpc_port = free_port()
+        self.url = f"127.0.0.1:{self.grpc_port}"
+        argv = [sys.executable, "-m", "medseg_client.cli", "serve", "--grpc-port", str(self.grpc_port)]
+        if "--metrics-port" not in args:
+            argv += ["--metrics-port", str(free_port())]
+        self.proc = subprocess.Popen([*argv, *args], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                                     env={**os.environ, **(env or {})})
+        self.lines: list[str] = []
+        self._reader = threading.Thread(target=self._read, daemon=True)
+        self._reader.start()
+
+    def _read(self) -> None:
+        assert self.proc.stdout is not None
+        for line in iter(self.proc.stdout.readline, ""):
+            self.lines.append(line)
+
+    @property
+    def pid(self) -> int:
+        return self.proc.pid
+
+    @property
+    def output(self) -> str:
+        return "".join(self.lines)
+
+    def wait_ready(self, timeout_s: float = 120.0) -> None:
+        """Until the server answers ready; AssertionError with its output if it exits or never gets there."""
+        import tritonclient.grpc as grpcclient
+
+        def ready() -> bool:
+            if self.proc.poll() is not None:
+                raise AssertionError(f"medseg serve exited ({self.proc.returncode}): {self.output[-3000:]}")
+            try:
+                with grpcclient.InferenceServerClient(self.url) as client:
+                    return bool(client.is_server_ready(client_timeout=2))
+            except Exception:  # not listening yet
+                return False
+
+        wait_until(ready, "medseg serve ready", timeout_s)
+
+    def wait_for_line(self, text: str, timeout_s: float = 60.0) -> str:
+        """The first output line holding ``text``, once it has come."""
+        return wait_until(lambda: next((line for line in self.lines if text in line), None), f"a line with {text!r}",
+                          timeout_s)
+
+    def stop(self, sig: int = signal.SIGTERM, timeout_s: float = 60.0) -> int:
+        """Send ``sig``, wait for the exit and the last output line; the exit status."""
+        if self.proc.poll() is None:
+            self.proc.send_signal(sig)
+        try:
+            self.proc.wait(timeout_s)
+        finally:
+            if self.proc.poll() is None:
+                self.proc.kill()
+                self.proc.wait(30)
+            self._reader.join(10)
+        return self.proc.returncode
+
+    def __enter__(self) -> ServeProcess:
+        return self
+
+    def __exit__(self, et: type[BaseException] | None, ev: BaseException | None, tb: TracebackType | None) -> None:
+        self.stop()

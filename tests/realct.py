@@ -60,7 +60,7 @@ def path(name: str) -> Path:
 
 def dicom_truth() -> np.ndarray:
     """The labels of the DICOM series on the canonical (z, y, x) LPS grid, as the reader puts the series."""
-    from medseg.studies import read_study
+    from medseg_client.io.studies import read_study
 
     return read_study(path(DICOM_LABELS)).ct.astype(np.uint8)
 
@@ -104,7 +104,7 @@ class RealCT:
     def truth_on_canonical_grid(self, study: Any, labels: Path) -> np.ndarray:
         """``labels`` (a NIfTI of the study's voxels, in any voxel order) on ``study``'s canonical grid, through
         both affines; the test fails where the two grids differ."""
-        from medseg.studies import read_study
+        from medseg_client.io.studies import read_study
 
         truth = read_study(labels)
         if truth.ct.shape != study.ct.shape or np.abs(truth.affine_lps - study.affine_lps).max() > 1e-3:

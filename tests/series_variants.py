@@ -7,13 +7,17 @@ order, ImageOrientationPatient and ImagePositionPatient change, as a scanner or 
 from __future__ import annotations
 
 import shutil
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pydicom
 
-from medseg.phantom import Phantom
-from medseg.studies import write_dicom_series
+from medseg.synth.phantom import Phantom
+from medseg_client.io.studies import write_dicom_series
+
+TEST_FILES = Path(pydicom.__file__).parent / "data" / "test_files"  # pydicom's own test files
 
 
 def _restore(ph: Phantom, folder: Path, frames: np.ndarray, iop: list[float], positions: np.ndarray,
@@ -74,3 +78,82 @@ def write_variant(ph: Phantom, folder: Path, variant: str) -> None:
         _restore(ph, folder, frames, [0, 1, 0, 0, 0, -1], positions, (sz, sy), sx)
     else:
         raise ValueError(f"unknown variant {variant!r}")
+
+
+# Damaged series: a tiny random-valued series with one file broken in one of MUTATIONS' ways (the reader fuzz
+# and the no-traceback runs)
+MUTATIONS = ("truncate", "flip_bytes", "bad_length", "wrong_vr", "absurd_rows", "absurd_frames",
+             "drop_pixels", "drop_position", "swap_in_test_file", "non_image", "bad_spacing", "zero_bytes")
+
+
+def tiny_series(folder: Path, slices: int = 6, size: int = 32,
+                spacing: tuple[float, float, float] = (2.0, 0.8, 0.8)) -> list[Path]:
+    rng = np.random.default_rng(0)
+    ct = rng.integers(-1000, 1000, size=(slices, size, size)).astype(np.int16)
+    ph = Phantom(seed=0, ct=ct, labels=np.zeros_like(ct, np.uint8), spacing=spacing, origin_mm=(0.0, 0.0, 0.0))
+    return write_dicom_series(ph, folder)
+
+
+@dataclass
+class Case:
+    seed: int
+    mutation: str
+
+
+def mutate(case: Case, folder: Path, **series: Any) -> None:
+    """Write a tiny series into ``folder`` (``series``: tiny_series' size) and damage it as ``case`` says."""
+    rng = np.random.default_rng(case.seed)
+    files = tiny_series(folder, **series)
+    victim = files[int(rng.integers(len(files)))]
+    raw = bytearray(victim.read_bytes())
+    m = case.mutation
+    if m == "truncate":
+        victim.write_bytes(bytes(raw[: int(rng.integers(0, len(raw)))]))
+    elif m == "flip_bytes":
+        for _ in range(int(rng.integers(1, 40))):
+            raw[int(rng.integers(128, len(raw)))] = int(rng.integers(256))
+        victim.write_bytes(bytes(raw))
+    elif m == "zero_bytes":
+        start = int(rng.integers(128, len(raw)))
+        raw[start : start + int(rng.integers(1, 400))] = b"\0" * len(raw[start : start + 400])
+        victim.write_bytes(bytes(raw))
+    elif m == "bad_length":  # corrupt a 4-byte length field after an explicit VR
+        pos = [i for i in range(132, min(len(raw), 2000) - 8) if raw[i : i + 2] in (b"OW", b"OB", b"SQ", b"UN")]
+        if pos:
+            i = pos[int(rng.integers(len(pos)))]
+            raw[i + 4 : i + 8] = int(rng.integers(0, 2**32)).to_bytes(4, "little")
+        else:
+            raw[140:144] = b"\xff\xff\xff\x7f"
+        victim.write_bytes(bytes(raw))
+    else:
+        ds = pydicom.dcmread(victim)
+        if m == "wrong_vr":  # Rows written as text with the wrong VR
+            del ds.Rows
+            ds.add_new(0x00280010, "LO", "abc" if rng.random() < 0.5 else "-3")
+        elif m == "absurd_rows":
+            ds.Rows = int(rng.choice([0, 1, 65535]))
+            ds.Columns = int(rng.choice([0, 7, 65535]))
+        elif m == "absurd_frames":
+            ds.NumberOfFrames = int(rng.choice([0, 2, 10**6]))
+        elif m == "drop_pixels":
+            del ds.PixelData
+        elif m == "drop_position":
+            del ds.ImagePositionPatient
+        elif m == "bad_spacing":
+            ds.PixelSpacing = [str(rng.choice(["0", "-1", "nan", "inf"])), "0.8"]
+            for f in files:
+                other = pydicom.dcmread(f)
+                other.PixelSpacing = ds.PixelSpacing
+                other.save_as(f)
+        elif m == "non_image":
+            victim.unlink()
+            shutil.copy(TEST_FILES / str(rng.choice(["rtplan.dcm", "rtstruct.dcm", "reportsi.dcm"])), folder / "x.dcm")
+            return
+        elif m == "swap_in_test_file":
+            names = sorted(p.name for p in TEST_FILES.glob("*.dcm"))
+            shutil.copy(TEST_FILES / str(rng.choice(names)), victim)
+            return
+        try:
+            ds.save_as(victim)
+        except Exception:
+            victim.write_bytes(bytes(raw[: len(raw) // 2]))

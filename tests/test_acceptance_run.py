@@ -12,14 +12,13 @@ import numpy as np
 import pytest
 
 from export import evaluate as acceptance
-from medseg.metrics import ACCEPTANCE
-from medseg.spec import REPO_ROOT
+from medseg.accuracy.metrics import ACCEPTANCE
+from medseg.paths import REPO_ROOT
 
 
 def test_the_acceptance_sets_are_the_ones_the_server_tests_hold_the_model_to() -> None:
     from tests import realct
-    from tests.conftest import EVAL_SEEDS
-    from tests.test_accuracy import NEGATIVES
+    from tests.helpers import EVAL_SEEDS, NEGATIVES
 
     assert acceptance.EVAL_SEEDS == EVAL_SEEDS
     assert acceptance.NEGATIVE_REGIONS == NEGATIVES
@@ -42,7 +41,7 @@ def test_example_ct_keeps_the_liver_of_its_top_slices_and_ignores_the_others() -
 
 
 def test_labels_stored_with_flipped_rows_land_on_the_studys_grid_through_their_affine(tmp_path: Path) -> None:
-    from medseg.studies import read_study, save_nifti
+    from medseg_client.io.studies import read_study, save_nifti
 
     rng = np.random.default_rng(0)
     ct = rng.integers(-100, 200, size=(6, 5, 4), dtype=np.int16)  # native (i, j, k)
@@ -139,7 +138,7 @@ def test_the_table_states_every_bar_as_computed(min_dice: float, found: int, fal
     assert f"liver Dice >= {ACCEPTANCE.liver_dice:.2f} in every study" in text
     assert "`ok`; 0.960; tumor burden 3.00 mL; 2 unverified tumors" in text
     met = expected.count("met") + 3  # head, example_ct and the MR; liver_tip and the refused series are not
-    assert f"Bars (`medseg.metrics.ACCEPTANCE`): {met} of 8 met." in text
+    assert f"Bars (`medseg.accuracy.metrics.ACCEPTANCE`): {met} of 8 met." in text
     assert "2core-test (2 cores), 2026-12-01" in text
 
 

@@ -14,11 +14,11 @@ from typing import Any
 
 import numpy as np
 import pytest
-from medseg_client.client import SegmentationClient
 
-from medseg.metrics import ACCEPTANCE, dice, locate_tumors, match_tumors
-from medseg.phantom import generate, noise_volume
-from tests.conftest import EVAL_SEEDS
+from medseg.accuracy.metrics import ACCEPTANCE, dice, locate_tumors, match_tumors
+from medseg.synth.phantom import generate, noise_volume
+from medseg_client.client import SegmentationClient
+from tests.helpers import EVAL_SEEDS, NEGATIVES
 
 pytestmark = pytest.mark.server
 
@@ -78,7 +78,6 @@ def test_tumors_of_10_mm_and_more_are_found_at_the_bar(served_unseen: dict) -> N
     assert found / big >= ACCEPTANCE.big_tumor_sensitivity, f"{found} of {big} tumors >= 10 mm found"
 
 
-NEGATIVES = ("head", "neck", "chest", "pelvis", "legs", "no_liver", "liver_tip")
 
 
 @pytest.mark.parametrize("region", NEGATIVES)
@@ -97,7 +96,7 @@ def test_a_noise_volume_reports_none(client: SegmentationClient) -> None:
 
 
 def test_real_mr_is_refused_as_not_ct(client: SegmentationClient, realct: Any) -> None:
-    from medseg.studies import read_study
+    from medseg_client.io.studies import read_study
 
     study = read_study(realct.mr)
     result = client.segment(study.ct, study.spacing)
@@ -107,7 +106,7 @@ def test_real_mr_is_refused_as_not_ct(client: SegmentationClient, realct: Any) -
 @pytest.fixture(scope="module")
 def real_dicom(client: SegmentationClient, realct: Any) -> tuple[Any, float]:
     """The real DICOM series served once: its result and its liver Dice against TotalSegmentator's liver."""
-    from medseg.studies import read_study
+    from medseg_client.io.studies import read_study
 
     study = read_study(realct.dicom_series)
     result = client.segment(study.ct, study.spacing)
@@ -118,7 +117,7 @@ def real_dicom(client: SegmentationClient, realct: Any) -> tuple[Any, float]:
 @pytest.fixture(scope="module")
 def real_nifti(client: SegmentationClient, realct: Any) -> tuple[Any, float]:
     """The real 3 mm CT served once: its result and its liver Dice over the labelled top slices."""
-    from medseg.studies import read_study
+    from medseg_client.io.studies import read_study
 
     study = read_study(realct.nifti_ct)
     result = client.segment(study.ct, study.spacing)

@@ -15,14 +15,13 @@ import pydicom
 import pytest
 from pydicom.uid import UID
 
-from medseg.dicom_seg import write_seg
-from medseg.errors import StudyError
-from medseg.phantom import Phantom
-from medseg.spec import SPEC
-from medseg.studies import CT_IMAGE_STORAGE, read_study, write_dicom_series
+from medseg.synth.phantom import Phantom
+from medseg_client.errors import StudyError
+from medseg_client.io.seg import write_seg
+from medseg_client.io.studies import CT_IMAGE_STORAGE, read_study, write_dicom_series
+from medseg_client.spec import SPEC
 from tests import realct
-from tests.helpers import dciodvfy_errors, needs_dciodvfy
-from tests.test_dicom_seg import PROVENANCE
+from tests.helpers import PROVENANCE, dciodvfy_errors, needs_dciodvfy
 
 SOFT_TISSUE_HU = (0, 250)
 

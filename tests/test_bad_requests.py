@@ -11,7 +11,7 @@ from typing import Any
 import numpy as np
 import pytest
 
-from medseg.spec import SPEC
+from medseg_client.spec import SPEC
 
 pytestmark = pytest.mark.server
 Raw = tuple[str, str, list[int], bytes]  # name, datatype, shape, raw contents

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from export.build_trt import GATE, accuracy_gate, fit_to, main, optimization_profile
-from medseg.spec import SPEC
+from medseg_client.spec import SPEC
 
 
 def test_the_profile_brackets_the_spec_and_fits_the_network() -> None:

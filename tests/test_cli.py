@@ -41,8 +41,8 @@ def test_segment_with_no_server_fails_clearly_and_writes_nothing(tmp_path: Path)
 
 
 def test_serve_cuda_without_a_gpu_says_why_in_one_line() -> None:
-    from medseg.errors import ServerError
-    from medseg.flavors import require_cuda
+    from medseg.serving.flavors import require_cuda
+    from medseg_client.errors import ServerError
 
     try:
         require_cuda()

@@ -13,10 +13,12 @@ from typing import Any
 import pytest
 import yaml
 
-from medseg.spec import REPO_ROOT
+from medseg.paths import REPO_ROOT
+from medseg.serving.server import PRODUCTION_SHM_BYTES
+from medseg_client.protocol import ADMIN_KEY_NAME, ADMIN_PROTOCOLS, GRPC_PORT, HTTP_PORT, METRICS_PORT
 
 COMPOSE = REPO_ROOT / "docker-compose.yml"
-RESTRICTED = {"model-repository", "shared-memory", "logging", "trace", "statistics"}
+RESTRICTED = set(ADMIN_PROTOCOLS)
 
 
 @pytest.fixture(scope="module")
@@ -36,9 +38,13 @@ def test_triton_serves_hardened(compose: dict[str, Any]) -> None:
     assert "./model_repository:/models:ro" in triton["volumes"]
     for flag in ("--grpc-restricted-protocol", "--http-restricted-api"):
         protocols, _, key = flags[flag].partition(":")
-        assert set(protocols.split(",")) == RESTRICTED and key.startswith("medseg-admin-key=${MEDSEG_ADMIN_KEY:?")
+        assert set(protocols.split(",")) == RESTRICTED and key.startswith(f"{ADMIN_KEY_NAME}=${{MEDSEG_ADMIN_KEY:?")
     assert flags["--http-address"].endswith(":-127.0.0.1}")  # HTTP inside the container unless asked
-    assert triton["ports"] == ["8001:8001"]  # gRPC only is published
+    assert triton["ports"] == [f"{GRPC_PORT}:{GRPC_PORT}"]  # gRPC only is published
+    assert (flags["--grpc-port"], flags["--http-port"], flags["--metrics-port"]) == tuple(
+        str(port) for port in (GRPC_PORT, HTTP_PORT, METRICS_PORT))
+    backend = {a for a in triton["command"] if a.startswith("--backend-config=python,shm-")}
+    assert backend == {f"--backend-config=python,shm-{what}-byte-size={PRODUCTION_SHM_BYTES}" for what in ("default", "growth")}
 
 
 def test_triton_reserves_a_gpu_and_reports_health(compose: dict[str, Any]) -> None:
@@ -75,7 +81,7 @@ def test_prometheus_scrapes_tritons_metrics_port_and_the_dashboard_shows_the_fou
 def test_the_compose_restriction_flag_closes_admin_protocols_on_the_real_server() -> None:
     import tritonclient.grpc as g
 
-    from medseg.server import EmbeddedServer, ServerOptions
+    from medseg.serving.server import EmbeddedServer, ServerOptions
 
     flag = next(a for a in yaml.safe_load(COMPOSE.read_text())["services"]["triton"]["command"]
                 if a.startswith("--grpc-restricted-protocol="))

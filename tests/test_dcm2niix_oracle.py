@@ -10,8 +10,8 @@ import numpy as np
 import pydicom
 import pytest
 
-from medseg.phantom import generate
-from medseg.studies import read_study, write_phantom
+from medseg.synth.phantom import generate
+from medseg_client.io.studies import read_study, write_phantom
 
 pytestmark = pytest.mark.skipif(shutil.which("dcm2niix") is None,
                                 reason="dcm2niix not installed (Debian package dcm2niix; `make sysdeps`)")

@@ -8,13 +8,11 @@ import numpy as np
 import pydicom
 import pytest
 
-from medseg.dicom_seg import write_seg
-from medseg.phantom import Phantom
-from medseg.spec import SPEC
-from medseg.studies import read_study, write_phantom
-from tests.helpers import dciodvfy_errors, needs_dciodvfy
-
-PROVENANCE = {"ensemble": SPEC.ensemble.name, "version": 1, "weights_sha256": "a" * 64, "onnx_sha256": "b" * 64}
+from medseg.synth.phantom import Phantom
+from medseg_client.io.seg import write_seg
+from medseg_client.io.studies import read_study, write_phantom
+from medseg_client.spec import SPEC
+from tests.helpers import PROVENANCE, dciodvfy_errors, needs_dciodvfy
 
 
 @pytest.fixture(scope="module")

@@ -8,7 +8,9 @@ from typing import Any
 
 import numpy as np
 import pytest
-from medseg_client.evaluate import (
+from scipy import ndimage
+
+from medseg.accuracy.evaluate import (
     DEFAULT_LABEL_MAP,
     WORST,
     DataError,
@@ -28,10 +30,8 @@ from medseg_client.evaluate import (
     truth_from_values,
     worst_cases,
 )
-from scipy import ndimage
-
-from medseg.metrics import dice, froc, froc_point, match_tumors
-from tests.conftest import UNSEEN_SEEDS
+from medseg.accuracy.metrics import dice, froc, froc_point, match_tumors
+from tests.helpers import UNSEEN_SEEDS
 
 SPACING = (2.0, 1.0, 1.0)  # (z, y, x) mm of the synthetic volumes
 AFFINE = np.diag([1.0, 1.0, 2.0, 1.0])  # (x, y, z) index -> LPS mm for SPACING, origin 0
@@ -215,9 +215,9 @@ def test_the_worst_cases_kept_while_running_are_the_worst_of_the_run() -> None:
 
 
 def test_a_run_without_tumor_annotations_reports_unverified_tumors_and_no_froc(tmp_path: Path) -> None:
-    from datetime import UTC, datetime
+    from datetime import datetime, timezone
 
-    from medseg_client.evaluate import build_document, write_outputs
+    from medseg.accuracy.evaluate import build_document, write_outputs
 
     labels, truth = synthetic_case()
     findings = {"status": {"code": "ok", "reported": True}, "liver": {"volume_ml": 28.0}, "tumor_burden_ml": 0.9,
@@ -227,7 +227,7 @@ def test_a_run_without_tumor_annotations_reports_unverified_tumors_and_no_froc(t
     record = {"case": "one|two", **measure_case(labels, findings, Truth(truth.organ, None), SPACING, AFFINE),
               "timings_s": {"total_s": 2.0}, "_model": findings["model"], "_threshold": 0.5}
     records = [record, {"case": "broken", "error": "broken: no annotation (labels file missing)", "stage": "read"}]
-    doc = build_document(records, started=datetime.now(UTC), url="h:1", model_name="ct_liver", pictures={"one|two"},
+    doc = build_document(records, started=datetime.now(timezone.utc), url="h:1", model_name="ct_liver", pictures={"one|two"},
                          data={"folder": "Task", "layout": "nnunet", "cases": 2, "limit": None,
                                "label_map": {"liver": [5], "tumor": None}, "ignore_label": None})
     s = doc["summary"]
@@ -334,9 +334,9 @@ def test_seg_segments_map_to_liver_and_tumor_by_their_description() -> None:
 
 
 def test_a_dicom_series_with_its_seg_reads_onto_the_studys_grid(tmp_path: Path) -> None:
-    from medseg.dicom_seg import write_seg
-    from medseg.phantom import Phantom
-    from medseg.studies import read_study, write_dicom_series
+    from medseg.synth.phantom import Phantom
+    from medseg_client.io.seg import write_seg
+    from medseg_client.io.studies import read_study, write_dicom_series
 
     rng = np.random.default_rng(1)
     ct = rng.integers(-100, 200, (6, 24, 20)).astype(np.int16)
@@ -366,7 +366,7 @@ def test_a_dicom_series_with_its_seg_reads_onto_the_studys_grid(tmp_path: Path) 
 
 @pytest.fixture(scope="module")
 def phantoms() -> dict[str, Any]:
-    from medseg.phantom import generate
+    from medseg.synth.phantom import generate
 
     a, b, head = UNSEEN_SEEDS
     return {"a": generate(a, num_slices=40, slice_thickness=5.0), "b": generate(b, num_slices=40, slice_thickness=5.0),
@@ -379,11 +379,10 @@ def _components(mask: np.ndarray) -> int:
 
 @pytest.mark.server
 def test_evaluate_an_nnunet_folder_through_the_server(server: Any, phantoms: dict[str, Any], tmp_path: Path) -> None:
+    from medseg.ops.postprocess import longest_axial_diameter
     from medseg_client import cli
     from medseg_client.client import SegmentationClient
-
-    from medseg.postprocess import longest_axial_diameter
-    from medseg.studies import read_study, write_phantom
+    from medseg_client.io.studies import read_study, write_phantom
 
     data = tmp_path / "Dataset042_Liver"
     for name in ("images", "labels"):
@@ -449,9 +448,8 @@ def test_evaluate_an_nnunet_folder_through_the_server(server: Any, phantoms: dic
 @pytest.mark.server
 def test_evaluate_a_dicom_series_with_its_seg_through_the_server(server: Any, phantoms: dict[str, Any], tmp_path: Path) -> None:
     from medseg_client import cli
-
-    from medseg.dicom_seg import write_seg
-    from medseg.studies import read_study, write_phantom
+    from medseg_client.io.seg import write_seg
+    from medseg_client.io.studies import read_study, write_phantom
 
     ph = phantoms["b"]
     case = tmp_path / "data" / "patient_b"

@@ -15,14 +15,15 @@ import numpy as np
 import pytest
 import torch
 
-from medseg import configgen, flavors
-from medseg.errors import ArtifactError, ServerError, StudyError
-from medseg.metrics import dice
-from medseg.phantom import generate
-from medseg.pipeline import dali_installed
-from medseg.preprocess import preprocess_reference
-from medseg.spec import MODEL_REPOSITORY, SPEC
-from tests.conftest import CUDA_REASON, TEST_FLAVOR, UNSEEN_SEEDS, artifacts_missing, cuda_available
+from medseg.accuracy.metrics import AGREEMENT_DICE, dice
+from medseg.model.pipeline import dali_installed
+from medseg.ops.preprocess import preprocess_reference
+from medseg.paths import MODEL_REPOSITORY
+from medseg.serving import configgen, flavors
+from medseg.synth.phantom import generate
+from medseg_client.errors import ArtifactError, ServerError, StudyError
+from medseg_client.spec import SPEC
+from tests.helpers import CUDA_REASON, TEST_FLAVOR, UNSEEN_SEEDS, artifacts_missing, cuda_available
 
 
 def _args(model: str, flavor: str, kind: str = "CPU") -> dict[str, Any]:
@@ -119,7 +120,7 @@ def test_torch_segmenter_and_postprocess_steps_agree_with_the_cpu_flavor(study: 
     pytest.param("KIND_GPU", marks=[pytest.mark.server, pytest.mark.gpu], id="cuda-flavor-on-gpu"),
 ])
 def cuda_server(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Any]:
-    from medseg.server import EmbeddedServer, ServerOptions
+    from medseg.serving.server import EmbeddedServer, ServerOptions
 
     if request.param == "KIND_GPU" and not cuda_available():
         pytest.skip(CUDA_REASON)
@@ -141,10 +142,9 @@ def _cpu_flavor(ct: np.ndarray, spacing: tuple[float, float, float],
     """The cpu flavor's labels and findings: served by the session's server where it serves the cpu flavor;
     otherwise (``MEDSEG_TEST_FLAVOR=cuda``, a GPU host without DALI) its steps in-process, which
     test_server shows equal to the served cpu flavor (numpy preprocessing where DALI is missing)."""
+    from medseg.model.pipeline import ReferencePipeline
+    from medseg.model.provenance import read_provenance
     from medseg_client.client import SegmentationClient
-
-    from medseg.pipeline import ReferencePipeline
-    from medseg.provenance import read_provenance
 
     if TEST_FLAVOR == "cpu" and dali_installed():
         with SegmentationClient(request.getfixturevalue("server").grpc_url) as c:
@@ -166,7 +166,7 @@ def test_the_cuda_flavor_served_matches_the_cpu_flavor(cuda_server: Any, request
         if label.value and (want_labels == label.value).any():
             figure = dice(got.labels == label.value, want_labels == label.value)
             print(f"{request.node.callspec.id}: {label.name} Dice vs the cpu flavor {figure:.4f}")
-            assert figure >= 0.99, label.name
+            assert figure >= AGREEMENT_DICE, label.name
     assert len(got.findings["tumors"]) == len(want_findings["tumors"])
     assert got.findings["model"] == want_findings["model"]
 

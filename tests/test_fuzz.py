@@ -11,111 +11,28 @@ import concurrent.futures as cf
 import resource
 import shutil
 import tempfile
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
-import numpy as np
-import pydicom
 import pytest
 
-from medseg.phantom import Phantom
-from medseg.studies import write_dicom_series
+from tests.series_variants import MUTATIONS, TEST_FILES, Case, mutate
 
 CASE_TIMEOUT_S = 20.0
 MEMORY_CAP = 4 * 1024**3  # bytes of address space for the worker
-TEST_FILES = Path(pydicom.__file__).parent / "data" / "test_files"
-MUTATIONS = ("truncate", "flip_bytes", "bad_length", "wrong_vr", "absurd_rows", "absurd_frames",
-             "drop_pixels", "drop_position", "swap_in_test_file", "non_image", "bad_spacing", "zero_bytes")
-
-
-def _tiny_series(folder: Path, slices: int = 6, size: int = 32,
-                 spacing: tuple[float, float, float] = (2.0, 0.8, 0.8)) -> list[Path]:
-    rng = np.random.default_rng(0)
-    ct = rng.integers(-1000, 1000, size=(slices, size, size)).astype(np.int16)
-    ph = Phantom(seed=0, ct=ct, labels=np.zeros_like(ct, np.uint8), spacing=spacing, origin_mm=(0.0, 0.0, 0.0))
-    return write_dicom_series(ph, folder)
-
-
 def _limit_memory() -> None:
     resource.setrlimit(resource.RLIMIT_AS, (MEMORY_CAP, MEMORY_CAP))
 
 
 def _read(folder: str) -> str:
     """Worker: 'read <shape>' or 'refused: <reason>'; any other exception propagates as a crash."""
-    from medseg.errors import StudyError
-    from medseg.studies import read_study
+    from medseg_client.errors import StudyError
+    from medseg_client.io.studies import read_study
 
     try:
         study = read_study(Path(folder))
     except StudyError as e:
         return f"refused: {e}"
     return f"read {study.ct.shape}"
-
-
-@dataclass
-class Case:
-    seed: int
-    mutation: str
-
-
-def _mutate(case: Case, folder: Path, **series: Any) -> None:
-    """Write a tiny series into ``folder`` (``series``: _tiny_series' size) and damage it as ``case`` says."""
-    rng = np.random.default_rng(case.seed)
-    files = _tiny_series(folder, **series)
-    victim = files[int(rng.integers(len(files)))]
-    raw = bytearray(victim.read_bytes())
-    m = case.mutation
-    if m == "truncate":
-        victim.write_bytes(bytes(raw[: int(rng.integers(0, len(raw)))]))
-    elif m == "flip_bytes":
-        for _ in range(int(rng.integers(1, 40))):
-            raw[int(rng.integers(128, len(raw)))] = int(rng.integers(256))
-        victim.write_bytes(bytes(raw))
-    elif m == "zero_bytes":
-        start = int(rng.integers(128, len(raw)))
-        raw[start : start + int(rng.integers(1, 400))] = b"\0" * len(raw[start : start + 400])
-        victim.write_bytes(bytes(raw))
-    elif m == "bad_length":  # corrupt a 4-byte length field after an explicit VR
-        pos = [i for i in range(132, min(len(raw), 2000) - 8) if raw[i : i + 2] in (b"OW", b"OB", b"SQ", b"UN")]
-        if pos:
-            i = pos[int(rng.integers(len(pos)))]
-            raw[i + 4 : i + 8] = int(rng.integers(0, 2**32)).to_bytes(4, "little")
-        else:
-            raw[140:144] = b"\xff\xff\xff\x7f"
-        victim.write_bytes(bytes(raw))
-    else:
-        ds = pydicom.dcmread(victim)
-        if m == "wrong_vr":  # Rows written as text with the wrong VR
-            del ds.Rows
-            ds.add_new(0x00280010, "LO", "abc" if rng.random() < 0.5 else "-3")
-        elif m == "absurd_rows":
-            ds.Rows = int(rng.choice([0, 1, 65535]))
-            ds.Columns = int(rng.choice([0, 7, 65535]))
-        elif m == "absurd_frames":
-            ds.NumberOfFrames = int(rng.choice([0, 2, 10**6]))
-        elif m == "drop_pixels":
-            del ds.PixelData
-        elif m == "drop_position":
-            del ds.ImagePositionPatient
-        elif m == "bad_spacing":
-            ds.PixelSpacing = [str(rng.choice(["0", "-1", "nan", "inf"])), "0.8"]
-            for f in files:
-                other = pydicom.dcmread(f)
-                other.PixelSpacing = ds.PixelSpacing
-                other.save_as(f)
-        elif m == "non_image":
-            victim.unlink()
-            shutil.copy(TEST_FILES / str(rng.choice(["rtplan.dcm", "rtstruct.dcm", "reportsi.dcm"])), folder / "x.dcm")
-            return
-        elif m == "swap_in_test_file":
-            names = sorted(p.name for p in TEST_FILES.glob("*.dcm"))
-            shutil.copy(TEST_FILES / str(rng.choice(names)), victim)
-            return
-        try:
-            ds.save_as(victim)
-        except Exception:
-            victim.write_bytes(bytes(raw[: len(raw) // 2]))
 
 
 def _run(cases: list[Case]) -> dict[str, int]:
@@ -126,7 +43,7 @@ def _run(cases: list[Case]) -> dict[str, int]:
         for case in cases:
             folder = Path(tempfile.mkdtemp(prefix="medseg-fuzz-"))
             try:
-                _mutate(case, folder)
+                mutate(case, folder)
                 try:
                     result = pool.submit(_read, str(folder)).result(timeout=CASE_TIMEOUT_S)
                     outcomes["read" if result.startswith("read") else "refused"] += 1

@@ -9,17 +9,16 @@ import secrets
 import signal
 import socket
 import subprocess
-import sys
 import threading
 import time
 from pathlib import Path
 
 import pytest
 
-from medseg.server import ADMIN_GRPC_HEADER, EmbeddedServer, ServerOptions, Tls, child_processes, free_port
-from medseg.spec import SPEC
-from tests.conftest import tritonserver_pid
-from tests.helpers import served_count, wait_until
+from medseg.serving.server import EmbeddedServer, ServerOptions, Tls, child_processes, free_port
+from medseg_client.protocol import ADMIN_GRPC_HEADER
+from medseg_client.spec import SPEC
+from tests.helpers import ServeProcess, served_count, tritonserver_pid, wait_until
 
 pytestmark = pytest.mark.server
 
@@ -33,42 +32,25 @@ def _listening(port: int) -> bool:
 def test_medseg_serve_is_hardened_by_default_and_stops_on_sigterm() -> None:
     import tritonclient.grpc as grpcclient
 
-    grpc_port, http_port, metrics_port = (free_port() for _ in range(3))
+    http_port = free_port()
     key = secrets.token_urlsafe(18)
-    proc = subprocess.Popen([sys.executable, "-m", "medseg_client.cli", "serve", "--grpc-port", str(grpc_port),
-                             "--http-port", str(http_port), "--metrics-port", str(metrics_port)],
-                            env={**os.environ, "MEDSEG_ADMIN_KEY": key}, stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True)
-    client = grpcclient.InferenceServerClient(f"127.0.0.1:{grpc_port}")
-    try:
-        deadline = time.monotonic() + 120
-        while time.monotonic() < deadline and proc.poll() is None:
-            try:
-                if client.is_server_ready(client_timeout=2):
-                    break
-            except Exception:
-                time.sleep(0.2)
-        assert client.is_server_ready(), "medseg serve never became ready"
-        assert not _listening(http_port), "HTTP must be off unless asked for"
-        assert client.get_model_metadata(SPEC.ensemble.name)  # metadata and inference stay open
-        for closed in (client.get_inference_statistics, client.get_model_repository_index,
-                       client.get_system_shared_memory_status, client.get_log_settings, client.get_trace_settings):
+    with ServeProcess("--http-port", str(http_port), env={"MEDSEG_ADMIN_KEY": key}) as serve:
+        serve.wait_ready()
+        with grpcclient.InferenceServerClient(serve.url) as client:
+            assert not _listening(http_port), "HTTP must be off unless asked for"
+            assert client.get_model_metadata(SPEC.ensemble.name)  # metadata and inference stay open
+            for closed in (client.get_inference_statistics, client.get_model_repository_index,
+                           client.get_system_shared_memory_status, client.get_log_settings, client.get_trace_settings):
+                with pytest.raises(Exception, match="restricted"):
+                    closed()
             with pytest.raises(Exception, match="restricted"):
-                closed()
-        with pytest.raises(Exception, match="restricted"):
-            client.unload_model(SPEC.ensemble.name)
-        assert client.get_inference_statistics(headers={ADMIN_GRPC_HEADER: key}, as_json=True)["model_stats"]
-        with pytest.raises(Exception, match=r"(?i)explicit|poll|not allowed|unsupported"):
-            client.unload_model(SPEC.ensemble.name, headers={ADMIN_GRPC_HEADER: key})  # model control is off
-        assert client.is_model_ready(SPEC.ensemble.name)
-        proc.send_signal(signal.SIGTERM)
-        out, _ = proc.communicate(timeout=60)
-        assert proc.returncode == 0, out
-        assert "stopped" in out and key not in out, "the admin key is never printed"
-    finally:
-        client.close()
-        if proc.poll() is None:
-            proc.kill()
+                client.unload_model(SPEC.ensemble.name)
+            assert client.get_inference_statistics(headers={ADMIN_GRPC_HEADER: key}, as_json=True)["model_stats"]
+            with pytest.raises(Exception, match=r"(?i)explicit|poll|not allowed|unsupported"):
+                client.unload_model(SPEC.ensemble.name, headers={ADMIN_GRPC_HEADER: key})  # model control is off
+            assert client.is_model_ready(SPEC.ensemble.name)
+        assert serve.stop(signal.SIGTERM) == 0, serve.output
+        assert "stopped" in serve.output and key not in serve.output, "the admin key is never printed"
 
 
 def _openssl(*args: str, cwd: Path) -> None:
@@ -96,10 +78,10 @@ def certificates(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 def test_tls_serves_clients_that_trust_its_ca_and_refuses_plaintext_and_other_cas(certificates: Path) -> None:
     import tritonclient.grpc as grpcclient
-    from medseg_client.client import SegmentationClient
     from tritonclient.utils import InferenceServerException
 
-    from medseg.phantom import generate
+    from medseg.synth.phantom import generate
+    from medseg_client.client import SegmentationClient
 
     d = certificates
     tls = Tls(d / "server.pem", d / "server.key", d / "ca.pem")
@@ -123,21 +105,13 @@ def _cmdline(pid: int) -> str:
 
 
 def test_a_crashed_model_process_fails_its_request_fast_and_serve_restarts_the_server() -> None:
+    from medseg.synth.phantom import generate
     from medseg_client.client import SegmentationClient
+    from medseg_client.errors import MedsegError
 
-    from medseg.errors import MedsegError
-    from medseg.phantom import generate
-
-    grpc_port, key = free_port(), secrets.token_hex(16)  # the key opens the statistics the test waits on
-    proc = subprocess.Popen([sys.executable, "-m", "medseg_client.cli", "serve", "--grpc-port", str(grpc_port),
-                             "--metrics-port", str(free_port())], stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                            text=True, env={**os.environ, "MEDSEG_ADMIN_KEY": key})
-    url = f"127.0.0.1:{grpc_port}"
-    lines: list[str] = []
-    assert proc.stdout is not None
-    reader = threading.Thread(target=lambda: lines.extend(iter(proc.stdout.readline, "")), daemon=True)  # type: ignore[union-attr]
-    reader.start()
-    try:
+    key = secrets.token_hex(16)  # the key opens the statistics the test waits on
+    with ServeProcess(env={"MEDSEG_ADMIN_KEY": key}) as serve:
+        url = serve.url
         with SegmentationClient(url, timeout_s=120) as client:
             client.wait_until_ready(120)
             ph = generate(5004, num_slices=200, slice_thickness=1.5)
@@ -157,7 +131,7 @@ def test_a_crashed_model_process_fails_its_request_fast_and_serve_restarts_the_s
             # the study is past its preprocessing: in the segmenter now (seconds of work for 200 slices here)
             wait_until(lambda: served_count(url, SPEC.preprocess.name, headers={ADMIN_GRPC_HEADER: key}) > preprocessed,
                        "the study preprocessed")
-            server_pid = tritonserver_pid(proc.pid)
+            server_pid = tritonserver_pid(serve.pid)
             assert server_pid is not None
             segmenter = next(p for p, _ in child_processes(server_pid) if "ct_segmenter" in _cmdline(p))
             os.kill(segmenter, signal.SIGKILL)
@@ -165,18 +139,12 @@ def test_a_crashed_model_process_fails_its_request_fast_and_serve_restarts_the_s
             assert not worker.is_alive(), "the request hung after its model process died"
             assert "error" in outcome, "a request whose model process died cannot have a result"
             print(f"failed after {outcome['seconds']:.1f} s: {outcome['error']}")
-        deadline = time.monotonic() + 180  # Triton still says "ready" with a dead stub: medseg serve notices
-        while not any("restarted and ready" in line for line in lines) and time.monotonic() < deadline:
-            time.sleep(0.5)
-        assert any("restarting the server" in line for line in lines), "".join(lines)
+        # Triton still says "ready" with a dead stub: medseg serve notices, restarts it and says so
+        serve.wait_for_line("restarted and ready", timeout_s=180)
+        assert "restarting the server" in serve.output, serve.output
         with SegmentationClient(url, timeout_s=120) as client:
             client.wait_until_ready(60)
             assert client.segment(*_small(ph)).labels.shape == _small(ph)[0].shape
-    finally:
-        proc.send_signal(signal.SIGTERM)
-        proc.wait(60)
-        reader.join(10)
-    assert any("restarted and ready" in line for line in lines), "".join(lines)
 
 
 def _small(ph: object) -> tuple[object, tuple[float, float, float]]:

@@ -13,21 +13,13 @@ import numpy as np
 import pytest
 
 from export.data import labels_to_model_grid
-from medseg import anatomy
-from medseg.lesions import LIVER, TUMOR, apply_verdicts, judge_candidates
-from medseg.metrics import dice
-from medseg.phantom import Phantom, generate, noise_volume
-from medseg.postprocess import (
-    IMPLAUSIBLE,
-    MOSTLY_OUT,
-    NOT_CT,
-    NOT_IN_VIEW,
-    OK,
-    REGION,
-    hu_on_model_grid,
-    postprocess,
-)
-from medseg.spec import SPEC, WEIGHTS_DIR, model_grid_shape, padded_shape
+from medseg.accuracy.metrics import dice
+from medseg.ops import anatomy
+from medseg.ops.lesions import LIVER, TUMOR, apply_verdicts, judge_candidates
+from medseg.ops.postprocess import IMPLAUSIBLE, MOSTLY_OUT, NOT_CT, NOT_IN_VIEW, OK, REGION, hu_on_model_grid, postprocess
+from medseg.paths import WEIGHTS_DIR
+from medseg.synth.phantom import Phantom, generate, noise_volume
+from medseg_client.spec import SPEC, model_grid_shape, padded_shape
 
 
 def _logits(labels_mg: np.ndarray, strength: float = 8.0) -> np.ndarray:
@@ -201,7 +193,7 @@ def test_a_lesion_without_contrast_or_confidence_is_rejected() -> None:
 def test_the_spec_threshold_is_the_recorded_operating_point() -> None:
     record = json.loads((WEIGHTS_DIR / "operating_point.json").read_text())
     assert record["tumor_threshold"] == pytest.approx(SPEC.tumor_threshold)
-    from medseg.network import weights_info
+    from medseg.model.network import weights_info
 
     assert record["weights_sha256"] == weights_info().sha256, "operating point chosen for other weights: rerun export.froc"
     curve = record["curve"]

@@ -11,8 +11,9 @@ from typing import Any
 import pytest
 import yaml
 
-from medseg import mig, mig_compose
-from medseg.spec import REPO_ROOT, SPEC
+from medseg.deploy import mig, mig_compose
+from medseg.paths import REPO_ROOT
+from medseg_client.spec import SPEC
 
 EXAMPLES = {"A100-80GB": REPO_ROOT / "docker" / "mig" / "tenants-a100.yaml",
             "H200": REPO_ROOT / "docker" / "mig" / "tenants-h200.yaml"}

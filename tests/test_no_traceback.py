@@ -29,11 +29,11 @@ from typing import Any
 import numpy as np
 import pytest
 import yaml
-from medseg_client.cli import EXIT_INTERNAL, main
 from pydicom.data import get_testdata_files
 
+from medseg_client.cli import EXIT_INTERNAL, main
 from tests import realct
-from tests.test_fuzz import MUTATIONS, Case, _mutate, _tiny_series
+from tests.series_variants import MUTATIONS, Case, mutate, tiny_series
 
 ENTRY_POINT = Path(sys.executable).with_name("medseg")
 MEDSEG = [str(ENTRY_POINT)] if ENTRY_POINT.exists() else [sys.executable, "-m", "medseg_client.cli"]
@@ -221,7 +221,7 @@ DROP_ROOT_READ = (["setpriv", "--inh-caps=-dac_override,-dac_read_search",
 @pytest.mark.skipif(os.geteuid() == 0 and shutil.which("setpriv") is None,
                     reason="as root, denying a read needs setpriv (util-linux) to drop CAP_DAC_OVERRIDE")
 def test_segment_names_a_file_or_folder_it_may_not_read(tmp_path: Path) -> None:
-    _tiny_series(tmp_path / "series", **FUZZ_SERIES)
+    tiny_series(tmp_path / "series", **FUZZ_SERIES)
     victim = sorted((tmp_path / "series").iterdir())[3]
     victim.chmod(0)
     (tmp_path / "closed").mkdir(mode=0)
@@ -269,14 +269,14 @@ def test_evaluate_refuses_bad_arguments_and_data_in_one_line(cli: Any, tmp_path:
 
 def test_an_internal_error_is_one_line_exit_3_with_its_traceback_in_a_private_log(
         cli: Any, monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
-    import medseg.studies
+    import medseg_client.io.studies
 
     quoted = "DOE" + "^JANE"  # what a library's message can quote: a header value
 
     def broken(*args: Any, **kwargs: Any) -> None:
         raise ZeroDivisionError(f"bad value {quoted}")
 
-    monkeypatch.setattr(medseg.studies, "write_phantom", broken)  # a bug where the phantom is written
+    monkeypatch.setattr(medseg_client.io.studies, "write_phantom", broken)  # a bug where the phantom is written
     logs = tmp_path / "internal-logs"
     monkeypatch.setenv("MEDSEG_LOG_DIR", str(logs))
     run = cli("phantom", "--seed", "1", "--slices", "20", "--out", str(tmp_path / "o"))
@@ -306,9 +306,9 @@ def test_the_entry_point_prints_one_line_for_errors_and_logs_internal_ones(tmp_p
             entry_point("serve", "--grpc-port", "99999", env=env),
             entry_point("phantom", "--seed", "x", "--out", str(tmp_path), env=env)]
     assert_clean(runs)
-    code = ("import sys, medseg.studies\n"
+    code = ("import sys, medseg_client.io.studies\n"
             "def broken(*a, **k): raise KeyError('DOE^JANE')\n"
-            "medseg.studies.write_phantom = broken\n"
+            "medseg_client.io.studies.write_phantom = broken\n"
             "from medseg_client.cli import main\n"
             f"sys.exit(main(['phantom', '--seed', '1', '--slices', '20', '--out', {str(tmp_path / 'o')!r}]))\n")
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300,
@@ -327,7 +327,7 @@ def _fuzz_runs(cli: Any, cases: list[Case], url: str) -> list[Run]:
     for case in cases:
         root = Path(tempfile.mkdtemp(prefix="medseg-notb-"))
         try:
-            _mutate(case, root / "series", **FUZZ_SERIES)
+            mutate(case, root / "series", **FUZZ_SERIES)
             runs.append(cli("segment", "--url", url, str(root / "series"), "--out", str(root / "out")))
             # 0 and 1 (read and judged, nothing reported) write a whole result; a refusal or an error writes none
             assert runs[-1].code in (0, 1) or not (root / "out").exists(), f"{case}: partial output"
@@ -381,8 +381,8 @@ def _damaged_nifti(raw: bytes, seed: int) -> bytes:
 def test_a_nifti_whose_voxel_axes_cannot_be_told_apart_is_refused(tmp_path: Path) -> None:
     import nibabel as nib
 
-    from medseg.errors import StudyError
-    from medseg.studies import read_study
+    from medseg_client.errors import StudyError
+    from medseg_client.io.studies import read_study
 
     affine = np.diag([-3.0, -3.0, 3.0, 1.0])
     affine[0, 1] = 1e30  # a damaged sform: the j axis points along x, where i already does
@@ -443,7 +443,7 @@ def test_segment_over_the_real_ct_and_mr_succeeds_without_noise(case: str, cli: 
 
 @pytest.mark.server
 def test_the_entry_point_segments_and_refuses_like_main(server: Any, tmp_path: Path) -> None:
-    _mutate(Case(seed=3, mutation="truncate"), tmp_path / "damaged", **FUZZ_SERIES)
+    mutate(Case(seed=3, mutation="truncate"), tmp_path / "damaged", **FUZZ_SERIES)
     raw = gzip.decompress(realct.path(realct.MR).read_bytes())
     for seed in (30, 84):  # headers nibabel complains about in its log (a refused one, a read one)
         (tmp_path / f"header{seed}.nii").write_bytes(_damaged_nifti(raw, seed))
@@ -476,7 +476,7 @@ def test_a_failure_at_any_stage_of_segment_leaves_no_partial_output_and_no_stagi
     import medseg_client.segment
 
     series = tmp_path / "series"
-    _tiny_series(series, **FUZZ_SERIES)
+    tiny_series(series, **FUZZ_SERIES)
     out = tmp_path / "out"
     if existing:
         out.mkdir()
@@ -525,9 +525,9 @@ def test_ctrl_c_while_writing_outputs_exits_130_and_leaves_nothing(cli: Any, ser
 
 
 def test_the_fuzz_series_here_are_big_enough_to_reach_the_model(tmp_path: Path) -> None:
-    from medseg.studies import read_study
-    from medseg.validate import check_study
+    from medseg_client.io.studies import read_study
+    from medseg_client.validate import check_study
 
-    _tiny_series(tmp_path / "s", **FUZZ_SERIES)
+    tiny_series(tmp_path / "s", **FUZZ_SERIES)
     study = read_study(tmp_path / "s")
     assert check_study(study.ct.shape, study.ct.dtype, study.spacing) == study.ct.shape  # not refused as too small

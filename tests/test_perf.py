@@ -10,9 +10,10 @@ from typing import Any
 import numpy as np
 import pytest
 
-from medseg.metrics import dice
-from medseg.phantom import generate
-from medseg.spec import REPO_ROOT, SPEC
+from medseg.accuracy.metrics import dice
+from medseg.paths import REPO_ROOT
+from medseg.synth.phantom import generate
+from medseg_client.spec import SPEC
 from perf import pa, report
 
 # a CSV written by perf_analyzer 2.48.0 against this ensemble (60-slice study), microseconds
@@ -114,7 +115,7 @@ def test_the_readme_table_is_a_committed_reports() -> None:
 
 
 def test_the_monai_baseline_agrees_with_this_projects_pipeline() -> None:
-    from medseg.pipeline import ReferencePipeline
+    from medseg.model.pipeline import ReferencePipeline
     from perf.monai_baseline import MonaiBaseline
 
     ph = generate(5101, num_slices=40, slice_thickness=5.0)

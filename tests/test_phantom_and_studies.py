@@ -8,9 +8,9 @@ import nibabel as nib
 import numpy as np
 import pytest
 
-from medseg.errors import StudyError
-from medseg.phantom import LIVER, TUMOR, Phantom, generate
-from medseg.studies import read_study, save_nifti, write_phantom
+from medseg.synth.phantom import LIVER, TUMOR, Phantom, generate
+from medseg_client.errors import StudyError
+from medseg_client.io.studies import read_study, save_nifti, write_phantom
 
 
 def test_the_same_seed_gives_the_same_study(small_phantom: Phantom) -> None:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from medseg.postprocess import (
+from medseg.ops.postprocess import (
     LIVER,
     TUMOR,
     keep_liver_and_its_tumors,
@@ -15,7 +15,7 @@ from medseg.postprocess import (
     postprocess,
     to_input_grid,
 )
-from medseg.spec import SPEC, model_grid_shape
+from medseg_client.spec import SPEC, model_grid_shape
 
 
 def _ball(shape: tuple[int, int, int], centre: tuple[float, ...], radius: float, spacing: tuple[float, ...]) -> np.ndarray:
@@ -123,7 +123,7 @@ def test_a_speckled_prediction_lists_only_the_largest_tumors_quickly() -> None:
 
 
 def test_preview_shows_an_axial_panel_per_tumor_and_a_coronal_panel() -> None:
-    from medseg.preview import PANEL, render_preview
+    from medseg_client.io.preview import PANEL, render_preview
 
     shape, spacing = (40, 100, 120), (2.5, 0.8, 0.8)
     ct = np.zeros(shape, np.int16)
@@ -147,7 +147,7 @@ def test_labels_are_numpys_argmax_ties_included() -> None:
 def test_bounding_box_equals_find_objects() -> None:
     from scipy import ndimage
 
-    from medseg.postprocess import bounding_box
+    from medseg.ops.postprocess import bounding_box
 
     rng = np.random.default_rng(4)
     for _ in range(5):

@@ -5,9 +5,9 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from medseg.preprocess import preprocess_reference, source_coordinates, target_indices, window
-from medseg.spec import SPEC
-from tests.conftest import cuda_available
+from medseg.ops.preprocess import preprocess_reference, source_coordinates, target_indices, window
+from medseg_client.spec import SPEC
+from tests.helpers import cuda_available
 
 
 def test_window_maps_its_bounds_to_0_and_1_and_clips_outside() -> None:
@@ -34,7 +34,7 @@ def test_nearest_mapping_back_inverts_the_forward_grid() -> None:
 
 @pytest.mark.parametrize(("shape", "spacing"), [((24, 64, 60), (2.5, 0.7, 0.8)), ((9, 40, 50), (5.0, 3.0, 0.5))])
 def test_dali_pipeline_matches_the_numpy_reference(shape: tuple[int, int, int], spacing: tuple[float, ...]) -> None:
-    from medseg.dali_pipeline import CpuPreprocessor
+    from medseg.ops.dali_pipeline import CpuPreprocessor
 
     rng = np.random.default_rng(0)
     ct = rng.normal(0, 300, size=shape).astype(np.int16)
@@ -49,7 +49,7 @@ def test_dali_pipeline_matches_the_numpy_reference(shape: tuple[int, int, int], 
 def _load_dali_model() -> object:
     import importlib.util
 
-    from medseg.spec import MODEL_REPOSITORY
+    from medseg.paths import MODEL_REPOSITORY
 
     path = MODEL_REPOSITORY / SPEC.preprocess.name / str(SPEC.preprocess.version) / "dali.py"
     spec = importlib.util.spec_from_file_location("medseg_dali_model", path)
@@ -67,7 +67,7 @@ def test_the_dali_backend_finds_exactly_one_autoserializable_pipeline() -> None:
 
 
 def test_the_shared_graph_serializes_with_inputs_named_as_in_the_config(tmp_path) -> None:  # type: ignore[no-untyped-def]
-    from medseg.dali_pipeline import ct_preprocess
+    from medseg.ops.dali_pipeline import ct_preprocess
 
     pipe = ct_preprocess(device="cpu", batch_size=SPEC.max_batch_size, num_threads=1, device_id=None)
     blob = pipe.serialize()

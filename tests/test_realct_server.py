@@ -19,8 +19,8 @@ import numpy as np
 import pydicom
 import pytest
 
-from medseg.spec import SPEC
-from medseg.studies import read_study
+from medseg_client.io.studies import read_study
+from medseg_client.spec import SPEC
 from tests import realct
 from tests.helpers import dciodvfy_errors, needs_dciodvfy
 

@@ -8,8 +8,6 @@ import itertools
 import os
 import random
 import signal
-import subprocess
-import sys
 import threading
 import time
 from pathlib import Path
@@ -18,10 +16,9 @@ from typing import Any
 import numpy as np
 import pytest
 
-from medseg.errors import MedsegError, StudyError
-from medseg.spec import SPEC
-from tests.conftest import tritonserver_pid
-from tests.helpers import served_count, wait_until
+from medseg_client.errors import MedsegError, StudyError
+from medseg_client.spec import SPEC
+from tests.helpers import ServeProcess, served_count, tritonserver_pid, wait_until
 
 
 @pytest.mark.parametrize(("status", "message", "retried"), [
@@ -31,8 +28,9 @@ from tests.helpers import served_count, wait_until
     ("StatusCode.INVALID_ARGUMENT", "CT volume must be 3-D", False), ("StatusCode.INTERNAL", "Stub process is not healthy", False),
 ])
 def test_only_an_unreachable_slow_or_loading_server_is_retried(status: str, message: str, retried: bool) -> None:
-    from medseg_client.client import ServerUnavailableError, _raise_from
     from tritonclient.utils import InferenceServerException
+
+    from medseg_client.client import ServerUnavailableError, _raise_from
 
     with pytest.raises(MedsegError) as e:
         _raise_from(InferenceServerException(message, status=status), "segmenting")
@@ -44,9 +42,9 @@ def test_only_an_unreachable_slow_or_loading_server_is_retried(status: str, mess
 @pytest.mark.parametrize("shared_memory", [False, True], ids=["grpc", "shared-memory"])
 def test_a_cancelled_study_stops_at_once_leaves_nothing_and_the_next_is_served(server: Any, shared_memory: bool) -> None:
     import tritonclient.grpc as grpcclient
-    from medseg_client.client import CancelledError, SegmentationClient
 
-    from medseg.phantom import generate
+    from medseg.synth.phantom import generate
+    from medseg_client.client import CancelledError, SegmentationClient
 
     big = generate(5004, num_slices=240, slice_thickness=1.25)  # seconds of work on this machine
     small = generate(5002, num_slices=20, slice_thickness=5.0)
@@ -70,12 +68,9 @@ def test_a_cancelled_study_stops_at_once_leaves_nothing_and_the_next_is_served(s
         assert client.segment(small.ct, small.spacing).labels.shape == small.ct.shape
         # Triton refuses to unregister a region the cancelled request still uses: the client lets go later
         status = grpcclient.InferenceServerClient(server.grpc_url)
-        deadline = time.monotonic() + 60
-        while (mine := [n for n in status.get_system_shared_memory_status(as_json=True).get("regions", {})
-                        if n.startswith(f"medseg-{os.getpid()}-")]) and time.monotonic() < deadline:
-            time.sleep(0.5)
+        wait_until(lambda: not [n for n in status.get_system_shared_memory_status(as_json=True).get("regions", {})
+                                if n.startswith(f"medseg-{os.getpid()}-")], "the client's regions unregistered")
     assert waited < 2.0, f"cancelling took {waited:.1f} s"
-    assert mine == [], "the client's regions must be unregistered"
     assert not list(Path("/dev/shm").glob(f"medseg-{os.getpid()}-*"))
     assert server.ready()
 
@@ -85,21 +80,13 @@ def test_a_cancelled_study_stops_at_once_leaves_nothing_and_the_next_is_served(s
 def test_a_batch_survives_20_server_kills_every_study_ending_once_right_or_with_a_clear_error() -> None:
     """`medseg serve` on fixed ports; a killer SIGKILLs its tritonserver (with the model processes) 20 times,
     each a moment into a study, while one client segments studies in a loop."""
+    from medseg.synth.phantom import generate
     from medseg_client.client import SegmentationClient
-
-    from medseg.errors import MedsegError
-    from medseg.phantom import generate
-    from medseg.server import free_port
+    from medseg_client.errors import MedsegError
 
     kills_wanted, min_studies = 20, 30
-    port = free_port()
-    url = f"127.0.0.1:{port}"
-    serve = subprocess.Popen([sys.executable, "-m", "medseg_client.cli", "serve", "--grpc-port", str(port),
-                              "--metrics-port", str(free_port())], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    lines: list[str] = []
-    assert serve.stdout is not None
-    reader = threading.Thread(target=lambda: lines.extend(iter(serve.stdout.readline, "")), daemon=True)  # type: ignore[union-attr]
-    reader.start()
+    serve = ServeProcess()
+    url = serve.url
     studies = [generate(seed, num_slices=n, slice_thickness=5.0) for seed, n in ((5002, 20), (5003, 26), (5004, 32))]
     kills: list[float] = []
     stop = threading.Event()
@@ -143,9 +130,8 @@ def test_a_batch_survives_20_server_kills_every_study_ending_once_right_or_with_
             thread.join(30)
     finally:
         stop.set()
-        serve.send_signal(signal.SIGTERM)
-        serve.wait(60)
-        reader.join(10)
+        serve.stop()
+    lines = serve.lines
     results = [(i, v) for i, kind, v in outcomes if kind == "result"]
     errors = [str(v) for _, kind, v in outcomes if kind == "error"]
     wrong = [i for i, (labels, _) in results if not np.array_equal(labels, alone[i])]  # type: ignore[misc]
@@ -171,9 +157,8 @@ def test_a_server_that_never_answers_ends_in_a_clear_error_within_the_deadlines(
     """Every call has a deadline: a listener that accepts and never speaks cannot hang the client."""
     import socket
 
+    from medseg.synth.phantom import generate
     from medseg_client.client import SegmentationClient, ServerUnavailableError
-
-    from medseg.phantom import generate
 
     ph = generate(5002, num_slices=8, slice_thickness=5.0)
     with socket.socket() as silent:

@@ -18,9 +18,9 @@ import numpy as np
 import pydicom
 import pytest
 
-from medseg.metrics import dice
-from medseg.phantom import generate
-from medseg.studies import read_study
+from medseg.accuracy.metrics import dice
+from medseg.synth.phantom import generate
+from medseg_client.io.studies import read_study
 from tests.helpers import dciodvfy_errors, needs_dciodvfy
 from tests.series_variants import tilt_rows, write_variant
 

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from medseg.spec import REPO_ROOT
+from medseg.paths import REPO_ROOT
 from perf import soak
 
 

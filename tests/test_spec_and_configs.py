@@ -5,8 +5,9 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
-from medseg import configgen
-from medseg.spec import REPO_ROOT, SPEC, model_grid_shape, padded_shape
+from medseg.paths import REPO_ROOT
+from medseg.serving import configgen
+from medseg_client.spec import SPEC, model_grid_shape, padded_shape
 
 
 def test_committed_configs_equal_what_the_spec_generates() -> None:
@@ -34,6 +35,19 @@ def test_every_model_has_cpu_and_cuda_flavors_or_is_the_ensemble() -> None:
 def _sources() -> list[Path]:
     roots = [REPO_ROOT / d for d in ("src", "clients", "export", "model_repository", "perf")]
     return [p for r in roots if r.exists() for p in r.rglob("*.py")]
+
+
+def test_configs_are_checked_against_tritons_own_schema() -> None:
+    """configgen writes text itself; Triton's ModelConfig message (tritonclient's copy) parses each, so a misspelled
+    field fails here instead of as a model that does not load."""
+    import pytest
+
+    config = configgen.config_dicts()["ct_segmenter/config.pbtxt"]
+    assert configgen.to_pbtxt(config)
+    with pytest.raises(ValueError, match=r"ct_segmenter.*max_batch_sise"):
+        configgen.to_pbtxt({**{k: v for k, v in config.items() if k != "max_batch_size"}, "max_batch_sise": 1})
+    with pytest.raises(ValueError, match="ct_segmenter"):
+        configgen.to_pbtxt({**config, "max_batch_size": "one"})
 
 
 def test_window_spacing_and_label_literals_appear_only_in_the_spec() -> None:

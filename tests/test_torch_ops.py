@@ -7,10 +7,10 @@ import numpy as np
 import pytest
 import torch
 
-from medseg import torch_ops
-from medseg.postprocess import to_input_grid
-from medseg.preprocess import preprocess_reference
-from tests.conftest import CUDA_REASON, cuda_available
+from medseg.ops import torch_ops
+from medseg.ops.postprocess import to_input_grid
+from medseg.ops.preprocess import preprocess_reference
+from tests.helpers import CUDA_REASON, cuda_available
 
 
 @pytest.fixture(params=["cpu", pytest.param("cuda", marks=[
@@ -41,8 +41,8 @@ def test_torch_labels_back_on_the_input_grid_equal_numpys(device: str) -> None:
 def phantom_case() -> tuple[np.ndarray, tuple[int, int, int], np.ndarray, tuple[float, float, float]]:
     """Noisy logits whose argmax is a phantom's truth plus speckle and a detached blob, and the phantom's CT."""
     from export.data import labels_to_model_grid
-    from medseg.phantom import generate
-    from medseg.spec import model_grid_shape, padded_shape
+    from medseg.synth.phantom import generate
+    from medseg_client.spec import model_grid_shape, padded_shape
 
     ph = generate(5101, num_slices=40, slice_thickness=5.0)
     grid = model_grid_shape(ph.ct.shape, ph.spacing)
@@ -57,7 +57,7 @@ def phantom_case() -> tuple[np.ndarray, tuple[int, int, int], np.ndarray, tuple[
 
 
 def test_torch_postprocessing_equals_numpys_voxel_for_voxel(phantom_case, device: str) -> None:  # type: ignore[no-untyped-def]
-    from medseg.postprocess import findings, postprocess
+    from medseg.ops.postprocess import findings, postprocess
 
     logits, grid, ct, spacing = phantom_case
     want, want_doc = postprocess(logits, grid, ct, spacing)
@@ -72,7 +72,7 @@ def test_torch_postprocessing_equals_numpys_voxel_for_voxel(phantom_case, device
 
 
 def test_torch_softmax_in_a_box_equals_numpys(device: str) -> None:
-    from medseg.postprocess import softmax_box
+    from medseg.ops.postprocess import softmax_box
 
     logits = np.random.default_rng(2).normal(0, 3, size=(3, 10, 12, 14)).astype(np.float32)
     box = (slice(2, 8), slice(1, 11), slice(3, 9))

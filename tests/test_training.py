@@ -6,8 +6,8 @@ import numpy as np
 
 from export.augment import HU_PER_UNIT, LIVER, TUMOR, RandScanEndd, RandSyntheticTumord, end_scan, paint_tumor
 from export.data import labels_to_model_grid, scan_end_cases
-from medseg.preprocess import PAD_VALUE, pad_to_divisor
-from medseg.spec import model_grid_shape
+from medseg.ops.preprocess import PAD_VALUE, pad_to_divisor
+from medseg_client.spec import model_grid_shape
 
 
 def test_a_synthetic_tumor_is_darker_and_labelled_only_inside_the_liver() -> None:
@@ -106,7 +106,7 @@ def test_stored_weights_keep_batch_norm_statistics_in_float32() -> None:
 def test_the_shipped_weights_are_finite_and_fit_the_network() -> None:
     import torch
 
-    from medseg.network import WEIGHTS_FILE, build_network
+    from medseg.model.network import WEIGHTS_FILE, build_network
 
     state = torch.load(WEIGHTS_FILE, map_location="cpu", weights_only=True)
     assert all(torch.isfinite(v.float()).all() for v in state.values() if v.is_floating_point())

@@ -28,9 +28,10 @@ from typing import Any
 
 import numpy as np
 
-from medseg.errors import MedsegError, ServerError, StudyError
-from medseg.spec import SPEC, ModelIO
-from medseg.validate import check_study
+from medseg_client.errors import MedsegError, ServerError, StudyError
+from medseg_client.protocol import ADMIN_GRPC_HEADER, TENANT_KEY_HEADER
+from medseg_client.spec import SPEC, ModelIO
+from medseg_client.validate import check_study
 
 
 class ModelMismatchError(MedsegError):
@@ -124,9 +125,6 @@ class SegmentationClient:
                  admin_key: str | None = None, retries: int = 3, backoff_s: float = 0.5) -> None:
         import tritonclient.grpc as grpcclient
 
-        from medseg.gateway import KEY_HEADER
-        from medseg.server import ADMIN_GRPC_HEADER
-
         self.url = url
         self.model_name = model_name
         self.timeout_s = timeout_s
@@ -135,7 +133,7 @@ class SegmentationClient:
         self._control_s = min(CONTROL_TIMEOUT_S, timeout_s)
         # behind a medseg gateway every call carries the tenant's key; the admin key opens shared-memory
         # registration and statistics on a hardened server (neither is ever logged)
-        headers = {KEY_HEADER: tenant_key, ADMIN_GRPC_HEADER: admin_key}
+        headers = {TENANT_KEY_HEADER: tenant_key, ADMIN_GRPC_HEADER: admin_key}
         self._headers = {k: v for k, v in headers.items() if v} or None
         if tls_ca is not None and not Path(tls_ca).is_file():
             raise ServerError(f"TLS CA file not found: {tls_ca}")

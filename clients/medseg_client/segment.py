@@ -10,11 +10,11 @@ import time
 from pathlib import Path
 from typing import Any
 
-from medseg.dicom_seg import write_seg
-from medseg.errors import MedsegError
-from medseg.preview import write_preview
-from medseg.studies import Study, read_study, save_nifti
 from medseg_client.client import SegmentationClient
+from medseg_client.errors import MedsegError
+from medseg_client.io.preview import write_preview
+from medseg_client.io.seg import write_seg
+from medseg_client.io.studies import Study, read_study, save_nifti
 
 LABELS_FILE = "labels.nii.gz"
 FINDINGS_FILE = "findings.json"

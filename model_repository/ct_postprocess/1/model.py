@@ -1,16 +1,7 @@
-"""ct_postprocess: labels back on the study's grid, the largest organ kept, findings (JSON); in numpy on the
-CPU (cpu flavor) or in PyTorch on the GPU (cuda flavor, GPU production); see ``medseg.flavors``."""
+"""ct_postprocess: labels back on the study's grid, the largest organ kept, findings (JSON); in numpy on the CPU
+(cpu flavor) or in PyTorch on the GPU (cuda flavor, GPU production). The class is the repository's one python-backend
+model (``medseg.serving.python_model``); the model's name picks the step."""
 
-import triton_python_backend_utils as pb_utils
+from medseg.serving.python_model import TritonPythonModel
 
-from medseg.flavors import postprocess_step
-from medseg.spec import SPEC
-from medseg.triton_glue import execute
-
-
-class TritonPythonModel:
-    def initialize(self, args):
-        self.step = postprocess_step(args)
-
-    def execute(self, requests):
-        return execute(requests, pb_utils, SPEC.postprocess, self.step.handler, self.step.tensors)
+__all__ = ["TritonPythonModel"]

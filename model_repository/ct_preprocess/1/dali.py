@@ -6,8 +6,8 @@ The graph is medseg's one preprocessing definition; the CPU flavor runs the same
 from nvidia.dali import pipeline_def
 from nvidia.dali.plugin.triton import autoserialize
 
-from medseg.dali_pipeline import ct_preprocess_graph
-from medseg.spec import SPEC
+from medseg.ops.dali_pipeline import ct_preprocess_graph
+from medseg_client.spec import SPEC
 
 
 @autoserialize

@@ -1,16 +1,7 @@
-"""ct_preprocess in the python backend: the DALI pipeline of ``dali.py`` on the CPU (cpu flavor) or its
-PyTorch twin on the GPU (cuda flavor), as the config's ``engine`` says; see ``medseg.flavors``."""
+"""ct_preprocess in the python backend: the DALI pipeline of ``dali.py`` on the CPU (cpu flavor) or its PyTorch twin
+on the GPU (cuda flavor), as the config's ``engine`` says. The class is the repository's one python-backend model
+(``medseg.serving.python_model``); the model's name picks the step."""
 
-import triton_python_backend_utils as pb_utils
+from medseg.serving.python_model import TritonPythonModel
 
-from medseg.flavors import preprocess_step
-from medseg.spec import SPEC
-from medseg.triton_glue import execute
-
-
-class TritonPythonModel:
-    def initialize(self, args):
-        self.step = preprocess_step(args)
-
-    def execute(self, requests):
-        return execute(requests, pb_utils, SPEC.preprocess, self.step.handler, self.step.tensors)
+__all__ = ["TritonPythonModel"]

@@ -1,0 +1,14 @@
+"""What a client and a medseg server (or its gateway) agree on beyond Triton's own protocol: ports and headers."""
+
+# Triton's usual ports, the defaults of `medseg serve`, the compose files and the client's --url
+GRPC_PORT, HTTP_PORT, METRICS_PORT = 8001, 8000, 8002
+DEFAULT_URL = f"localhost:{GRPC_PORT}"
+
+# Triton's admin APIs, closed behind a key unless the caller sends it: gRPC header
+# "triton-grpc-protocol-medseg-admin-key", HTTP header "medseg-admin-key". Health, metadata and inference stay open.
+ADMIN_PROTOCOLS = ("model-repository", "shared-memory", "logging", "trace", "statistics")
+ADMIN_KEY_NAME = "medseg-admin-key"
+ADMIN_GRPC_HEADER = f"triton-grpc-protocol-{ADMIN_KEY_NAME}"
+
+# the tenant's key a medseg gateway routes by (``medseg mig compose``); plain gRPC metadata
+TENANT_KEY_HEADER = "medseg-tenant-key"

@@ -1,0 +1,217 @@
+"""Generate every model configuration in ``model_repository/`` from the spec.
+
+    python -m medseg.serving.configgen          # write the configs
+    python -m medseg.serving.configgen --check  # exit 1 and show a diff if a committed config differs
+
+Flavors follow Triton's ``--model-config-name``: ``config.pbtxt`` is GPU production (DALI backend ->
+TensorRT plan -> python postprocess on the GPU); ``configs/cpu.pbtxt`` is the embedded default (the same
+DALI pipeline in the python backend -> ONNX Runtime -> the same postprocess); ``configs/cuda.pbtxt`` is
+for GPU hosts without NVIDIA's container (every step in PyTorch on the GPU, tensors passed by DLPack).
+"""
+
+from __future__ import annotations
+
+import argparse
+import difflib
+import sys
+from pathlib import Path
+from typing import Any
+
+from medseg.paths import MODEL_REPOSITORY, ONNX_FILE
+from medseg_client.spec import SPEC, ModelIO, Tensor
+
+HEADER = "# Generated from medseg_client.spec by `python -m medseg.serving.configgen`; do not edit by hand.\n"
+
+
+class Enum(str):
+    """A protobuf enum value: written without quotes."""
+
+
+def _value(v: Any, indent: int) -> str:
+    if isinstance(v, Enum):
+        return str(v)
+    if isinstance(v, bool):
+        return "true" if v else "false"
+    if isinstance(v, int | float):
+        return str(v)
+    if isinstance(v, str):
+        return '"' + v.replace("\\", "\\\\").replace('"', '\\"') + '"'
+    if isinstance(v, dict):
+        return "{\n" + _fields(v, indent + 2) + " " * indent + "}"
+    raise TypeError(f"cannot write {type(v).__name__} to pbtxt")
+
+
+def _fields(d: dict[str, Any], indent: int) -> str:
+    out = []
+    pad = " " * indent
+    for key, v in d.items():
+        if isinstance(v, list) and v and isinstance(v[0], dict):
+            items = ",\n".join(pad + "  " + _value(item, indent + 2) for item in v)
+            out.append(f"{pad}{key} [\n{items}\n{pad}]\n")
+        elif isinstance(v, list):
+            out.append(f"{pad}{key}: [ {', '.join(_value(x, indent) for x in v)} ]\n")
+        elif isinstance(v, dict):
+            out.append(f"{pad}{key} {_value(v, indent)}\n")
+        else:
+            out.append(f"{pad}{key}: {_value(v, indent)}\n")
+    return "".join(out)
+
+
+def to_pbtxt(config: dict[str, Any]) -> str:
+    """Text-format protobuf of a model configuration given as nested dicts and lists, checked against Triton's own
+    schema (``model_config.proto`` as tritonclient ships it): a misspelled field or a wrong type raises ValueError."""
+    from google.protobuf import text_format
+    from tritonclient.grpc import model_config_pb2
+
+    text = HEADER + _fields(config, 0)
+    try:
+        text_format.Parse(text, model_config_pb2.ModelConfig())
+    except text_format.ParseError as e:
+        raise ValueError(f"config of {config.get('name', '?')!r} is not a Triton ModelConfig: {e}") from None
+    return text
+
+
+def _tensors(tensors: tuple[Tensor, ...]) -> list[dict[str, Any]]:
+    return [{"name": t.name, "data_type": Enum("TYPE_" + t.dtype), "dims": list(t.dims)} for t in tensors]
+
+
+def _base(model: ModelIO) -> dict[str, Any]:
+    return {
+        "name": model.name,
+        "max_batch_size": SPEC.max_batch_size,
+        "input": _tensors(model.inputs),
+        "output": _tensors(model.outputs),
+    }
+
+
+def _pinned(model: ModelIO) -> dict[str, Any]:
+    return {"version_policy": {"specific": {"versions": [model.version]}}}
+
+
+def _params(**kv: str) -> list[dict[str, Any]]:
+    return [{"key": k, "value": {"string_value": v}} for k, v in kv.items()]
+
+
+def ensemble_config() -> dict[str, Any]:
+    """The ensemble: preprocess -> segmenter -> postprocess, the raw CT routed to postprocess too."""
+    ct, spacing = (t.name for t in SPEC.ensemble.inputs)
+    image, grid = (t.name for t in SPEC.preprocess.outputs)
+    (logits,) = (t.name for t in SPEC.segmenter.outputs)
+
+    def step(model: ModelIO, inputs: list[str], outputs: list[str]) -> dict[str, Any]:
+        return {
+            "model_name": model.name,
+            "model_version": model.version,
+            "input_map": [{"key": n, "value": n} for n in inputs],
+            "output_map": [{"key": n, "value": n} for n in outputs],
+        }
+
+    return {
+        **_base(SPEC.ensemble),
+        "platform": "ensemble",
+        "ensemble_scheduling": {
+            "step": [
+                step(SPEC.preprocess, [ct, spacing], [image, grid]),
+                step(SPEC.segmenter, [image], [logits]),
+                step(SPEC.postprocess, [t.name for t in SPEC.postprocess.inputs], [t.name for t in SPEC.postprocess.outputs]),
+            ]
+        },
+    }
+
+
+def _instances(kind: str, count: int = 1) -> dict[str, Any]:
+    return {"instance_group": [{"kind": Enum(kind), "count": count}]}
+
+
+def _python_on_gpu(model: ModelIO, kind: str, **params: str) -> dict[str, Any]:
+    """A python-backend model whose tensors may stay on the GPU (DLPack in and out)."""
+    return {**_base(model), "backend": "python", **_pinned(model), **_instances(kind),
+            "parameters": _params(**params, FORCE_CPU_ONLY_INPUT_TENSORS="no")}
+
+
+def cuda_flavor(kind: str = "KIND_GPU") -> dict[str, dict[str, Any]]:
+    """The cuda flavor: every step in PyTorch on the instance's GPU.
+
+    ``kind`` is KIND_GPU in the repository; a test writes the same configs with KIND_CPU to run the
+    flavor's code through the real server on a machine without a GPU.
+    """
+    pre, seg, post = SPEC.preprocess, SPEC.segmenter, SPEC.postprocess
+    return {
+        f"{pre.name}/configs/cuda.pbtxt": _python_on_gpu(pre, kind, engine="torch"),
+        f"{seg.name}/configs/cuda.pbtxt": _python_on_gpu(seg, kind, engine="torch", precision="fp16"),
+        f"{post.name}/configs/cuda.pbtxt": _python_on_gpu(post, kind, engine="torch"),
+    }
+
+
+def config_dicts() -> dict[str, dict[str, Any]]:
+    """Every model configuration as nested dicts, by path relative to the repository."""
+    pre, seg, post = SPEC.preprocess, SPEC.segmenter, SPEC.postprocess
+    return {
+        f"{SPEC.ensemble.name}/config.pbtxt": ensemble_config(),
+        # GPU production flavor: DALI on the GPU -> TensorRT -> postprocess on the GPU
+        f"{pre.name}/config.pbtxt": {**_base(pre), "backend": "dali", **_pinned(pre), **_instances("KIND_GPU"),
+                                     "parameters": _params(num_threads="4")},
+        f"{seg.name}/config.pbtxt": {**_base(seg), "platform": "tensorrt_plan", **_pinned(seg),
+                                     **_instances("KIND_GPU")},
+        f"{post.name}/config.pbtxt": _python_on_gpu(post, "KIND_GPU", engine="torch"),
+        # CPU flavor: the same pipeline definition, ONNX Runtime, the same postprocess
+        f"{pre.name}/configs/cpu.pbtxt": {**_base(pre), "backend": "python", **_pinned(pre), **_instances("KIND_CPU"),
+                                          "parameters": _params(engine="dali", num_threads="2")},
+        f"{seg.name}/configs/cpu.pbtxt": {**_base(seg), "backend": "python", **_pinned(seg), **_instances("KIND_CPU"),
+                                          "parameters": _params(engine="onnxruntime", onnx_file=ONNX_FILE,
+                                                                intra_op_threads="0")},
+        f"{post.name}/configs/cpu.pbtxt": {**_base(post), "backend": "python", **_pinned(post),
+                                           **_instances("KIND_CPU"), "parameters": _params(engine="numpy")},
+        **cuda_flavor(),
+    }
+
+
+def configs() -> dict[Path, str]:
+    """Every configuration file of the repository, path -> text."""
+    return {MODEL_REPOSITORY / rel: to_pbtxt(cfg) for rel, cfg in config_dicts().items()}
+
+
+def repository_variant(dest: Path, configs: dict[str, dict[str, Any]]) -> Path:
+    """A copy of the model repository at ``dest`` with ``configs`` (path relative to it -> config) written
+    over the generated ones: for a test or a benchmark that serves, say, other instance counts."""
+    import shutil
+
+    shutil.copytree(MODEL_REPOSITORY, dest, ignore=shutil.ignore_patterns("__pycache__"))
+    for rel, config in configs.items():
+        (dest / rel).write_text(to_pbtxt(config))
+    return dest
+
+
+def check(repo_files: dict[Path, str]) -> list[str]:
+    """Unified diffs of every config whose committed text differs from the generated one."""
+    diffs = []
+    for path, text in repo_files.items():
+        current = path.read_text() if path.exists() else ""
+        if current != text:
+            rel = path.relative_to(MODEL_REPOSITORY.parent) if path.is_relative_to(MODEL_REPOSITORY.parent) else path
+            diffs.append("".join(difflib.unified_diff(current.splitlines(True), text.splitlines(True),
+                                                      f"{rel} (committed)", f"{rel} (from spec)")))
+    return diffs
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description="Generate model_repository configs from medseg_client.spec")
+    ap.add_argument("--check", action="store_true", help="do not write; exit 1 if a config differs")
+    args = ap.parse_args(argv)
+    files = configs()
+    if args.check:
+        diffs = check(files)
+        for d in diffs:
+            sys.stdout.write(d)
+        if diffs:
+            print(f"{len(diffs)} config(s) differ from the spec; run `python -m medseg.serving.configgen`", file=sys.stderr)
+        return 1 if diffs else 0
+    for path, text in files.items():
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(text)
+        print(f"wrote {path.relative_to(MODEL_REPOSITORY.parent)}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

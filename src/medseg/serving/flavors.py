@@ -1,0 +1,163 @@
+"""What each python-backend model runs, chosen by its generated config: the ``engine`` parameter picks
+the implementation, the instance group the device (KIND_GPU -> ``cuda:<id>``). Each ``model.py`` only
+calls one of these and hands the result to ``triton_glue.execute``; tests call them without Triton.
+
+    ct_preprocess   dali (CPU DALI, cpu flavor)        | torch (cuda flavor)
+    ct_segmenter    onnxruntime (cpu flavor)           | torch (cuda flavor; FP16 autocast on a GPU)
+    ct_postprocess  numpy (cpu flavor)                 | torch (cuda flavor and GPU production)
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from medseg.model.provenance import read_provenance
+from medseg.serving.triton_glue import NUMPY, Handler, NumpyTensors, TorchTensors, instance_device, json_tensor, model_parameters
+from medseg_client.errors import ArtifactError, ServerError
+from medseg_client.spec import SPEC
+from medseg_client.validate import check_study
+
+
+@dataclass(frozen=True)
+class Step:
+    """A model's request handler and how its tensors cross the python backend."""
+
+    handler: Handler
+    tensors: NumpyTensors
+    engine: str
+    device: str
+
+
+def _engine(args: dict[str, Any], model: str, builders: dict[str, Callable[[dict[str, str], str], Step]]) -> Step:
+    params = model_parameters(args)
+    engine = params.get("engine", "")
+    if engine not in builders:
+        raise ArtifactError(f"{model}: parameter engine must be one of {sorted(builders)}, got {engine!r}")
+    require_numpy_1()
+    device = instance_device(args)
+    if device.startswith("cuda"):
+        require_cuda(device)
+    return builders[engine](params, device)
+
+
+def require_numpy_1() -> None:
+    """Refuse to load a model under numpy 2: the python backend's stub reads arrays in numpy 1's layout,
+    so every output made from numpy would reach the client empty (seen on a GPU host with numpy 2.5)."""
+    if int(np.__version__.split(".")[0]) >= 2:
+        raise ServerError(f"numpy {np.__version__} in the model's Python: the python backend stub needs numpy<2 "
+                          "(numpy 2 outputs arrive empty); install numpy<2 where the server runs")
+
+
+def require_cuda(device: str = "cuda:0") -> None:
+    """Refuse a GPU flavor where torch sees no CUDA device (or not this one)."""
+    import torch
+
+    index = int(device.partition(":")[2] or 0)
+    if not torch.cuda.is_available() or index >= torch.cuda.device_count():
+        raise ServerError(f"{device} requested but torch {torch.__version__} sees "
+                            f"{torch.cuda.device_count()} CUDA device(s): the cuda flavor needs an NVIDIA GPU and "
+                            "a CUDA build of PyTorch")
+
+
+def cuda_memory_pool_args(byte_size: int = 1 << 30) -> list[str]:
+    """tritonserver flags for a CUDA memory pool on every visible GPU: the cuda flavor's steps pass GPU
+    tensors to each other through it (none where there is no GPU)."""
+    import torch
+
+    return [f"--cuda-memory-pool-byte-size={i}:{byte_size}" for i in range(torch.cuda.device_count())]
+
+
+# ---------------------------------------------------------------- ct_preprocess
+
+
+def preprocess_step(args: dict[str, Any]) -> Step:
+    """ct_preprocess: validate the study, then window + resample it onto the padded model grid."""
+
+    def dali(params: dict[str, str], device: str) -> Step:
+        from medseg.ops.dali_pipeline import CpuPreprocessor
+
+        pipeline = CpuPreprocessor(num_threads=int(params.get("num_threads", "2")))
+
+        def run(t: dict[str, Any]) -> dict[str, Any]:
+            ct, spacing = t["CT"], t["SPACING"]
+            check_study(ct.shape, ct.dtype, spacing)
+            image, grid = pipeline(ct, spacing)
+            return {"IMAGE": image, "GRID": np.asarray(grid, np.int64)}
+
+        return Step(run, NUMPY, "dali", "cpu")
+
+    def torch(params: dict[str, str], device: str) -> Step:
+        import torch
+
+        from medseg.ops import torch_ops
+
+        def run(t: dict[str, Any]) -> dict[str, Any]:
+            ct, spacing = t["CT"], t["SPACING"].cpu().numpy()
+            check_study(tuple(ct.shape), str(ct.dtype).removeprefix("torch."), spacing)  # before any copy to the GPU
+            image, grid = torch_ops.preprocess(ct.to(device), [float(s) for s in spacing])
+            # GRID goes on the device too: a host (numpy) output of a GPU instance bound for a GPU consumer
+            # reached ct_postprocess empty ("input byte size mismatch ... Expected 24, got 0") on an H200
+            return {"IMAGE": image, "GRID": torch.as_tensor(grid, dtype=torch.int64, device=image.device)}
+
+        return Step(run, TorchTensors(), "torch", device)
+
+    return _engine(args, SPEC.preprocess.name, {"dali": dali, "torch": torch})
+
+
+# ---------------------------------------------------------------- ct_segmenter
+
+
+def segmenter_step(args: dict[str, Any]) -> Step:
+    """ct_segmenter: logits of the padded image, in z tiles when large."""
+
+    def onnxruntime(params: dict[str, str], device: str) -> Step:
+        from medseg.model.inference import OnnxSegmenter
+
+        version_dir = Path(args["model_repository"]) / args["model_version"]
+        segmenter = OnnxSegmenter(version_dir / params["onnx_file"], threads=int(params.get("intra_op_threads", "0")))
+        return Step(lambda t: {"LOGITS": segmenter(t["IMAGE"])}, NUMPY, "onnxruntime", "cpu")
+
+    def torch(params: dict[str, str], device: str) -> Step:
+        from medseg.model.inference import TorchSegmenter
+
+        segmenter = TorchSegmenter(device, params.get("precision", "fp16"))
+        return Step(lambda t: {"LOGITS": segmenter(t["IMAGE"].to(device))}, TorchTensors(), "torch", device)
+
+    return _engine(args, SPEC.segmenter.name, {"onnxruntime": onnxruntime, "torch": torch})
+
+
+# ---------------------------------------------------------------- ct_postprocess
+
+
+def postprocess_step(args: dict[str, Any]) -> Step:
+    """ct_postprocess: labels on the study's grid and the findings, stamped with the model's provenance."""
+    provenance = read_provenance(Path(args["model_repository"]).parent)
+
+    def numpy(params: dict[str, str], device: str) -> Step:
+        from medseg.ops.postprocess import postprocess
+
+        def run(t: dict[str, Any]) -> dict[str, Any]:
+            labels, doc = postprocess(t["LOGITS"], t["GRID"], t["CT"], t["SPACING"])
+            return {"LABELS": labels, "FINDINGS": json_tensor({"model": provenance, **doc})}
+
+        return Step(run, NUMPY, "numpy", "cpu")
+
+    def torch(params: dict[str, str], device: str) -> Step:
+        from medseg.ops import torch_ops
+        from medseg.ops.postprocess import findings
+
+        def run(t: dict[str, Any]) -> dict[str, Any]:
+            grid, ct, spacing = (t[k].cpu().numpy() for k in ("GRID", "CT", "SPACING"))
+            # argmax, probabilities and the way back to the study's grid on the device; the judging on the host
+            labels, verdict = torch_ops.postprocess(t["LOGITS"].to(device), grid, ct, spacing)
+            doc = findings(labels, grid, ct, spacing, verdict)
+            return {"LABELS": labels, "FINDINGS": json_tensor({"model": provenance, **doc})}
+
+        return Step(run, TorchTensors(), "torch", device)
+
+    return _engine(args, SPEC.postprocess.name, {"numpy": numpy, "torch": torch})
