@@ -3,7 +3,7 @@
 Shuffled file names, a second series in the folder, compressed pixel data, flipped storage, a
 sagittal re-stack and a gantry-tilted acquisition of the same anatomy all segment through
 `medseg segment`; the labels, read back through their file's affine, match the ground truth
-(Dice >= 0.90) and the SEG passes dciodvfy.
+(Dice at least the model's floor on unseen phantoms) and the SEG passes dciodvfy.
 """
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ import pytest
 from medseg.accuracy.metrics import dice
 from medseg.synth.phantom import generate
 from medseg_client.io.studies import read_study
-from tests.helpers import dciodvfy_errors, needs_dciodvfy
+from tests.helpers import LIVER_DICE_FLOOR, dciodvfy_errors, needs_dciodvfy
 from tests.series_variants import tilt_rows, write_variant
 
 pytestmark = pytest.mark.server
@@ -86,7 +86,7 @@ def test_any_storage_of_a_series_segments_onto_the_right_grid(variant: str, phan
     assert predicted.ct.shape == phantom.ct.shape
     np.testing.assert_allclose(predicted.lps_mm([0, 0, 0]), phantom.origin_mm, atol=1e-2)
     truth = tilt_rows(phantom.labels, 0) if variant == "tilted" else phantom.labels  # on the acquired slices
-    assert dice(predicted.ct > 0, truth > 0) >= 0.90
+    assert dice(predicted.ct > 0, truth > 0) >= LIVER_DICE_FLOOR
 
 
 @needs_dciodvfy

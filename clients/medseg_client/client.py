@@ -29,7 +29,7 @@ from typing import Any
 import numpy as np
 
 from medseg_client.errors import MedsegError, ServerError, StudyError
-from medseg_client.protocol import ADMIN_GRPC_HEADER, TENANT_KEY_HEADER
+from medseg_client.protocol import ADMIN_GRPC_HEADER, SERVER_TIMINGS_KEY, TENANT_KEY_HEADER
 from medseg_client.spec import SPEC, ModelIO
 from medseg_client.validate import check_study
 
@@ -261,13 +261,13 @@ class SegmentationClient:
                 else:
                     labels = response.as_numpy(labels_t.name)[0]
                 findings = json.loads(response.as_numpy(findings_t.name).reshape(-1)[0])
+                server_timings = findings.pop(SERVER_TIMINGS_KEY, {})
             except (ValueError, TypeError, IndexError) as e:  # e.g. an output that came back empty
                 raise ServerError(f"{self.url}: the server's response is incomplete or malformed ({e}); "
                                   "nothing was kept") from e
         if labels.shape != ct.shape:
             raise ServerError(f"server returned labels of shape {labels.shape} for a study of shape {ct.shape}")
-        timings = {"request_s": round(elapsed, 3)}
-        timings.update(self._stage_times(before, self._model_stats()))
+        timings = {"request_s": round(elapsed, 3), **self._stage_times(before, self._model_stats()), **server_timings}
         return SegmentationResult(labels, findings, timings)
 
     @contextmanager
@@ -316,21 +316,26 @@ class SegmentationClient:
                 except Exception:
                     pass
 
-    def _model_stats(self) -> dict[str, float]:
-        """Cumulative queue + compute nanoseconds of each model; {} where statistics are closed to us."""
+    def _model_stats(self) -> dict[str, tuple[float, float]]:
+        """(successful requests, cumulative queue + compute ns) of each model; {} where statistics are closed to us."""
         try:
             stats = self._client.get_inference_statistics(headers=self._headers, as_json=True,
                                                            client_timeout=self._control_s)
         except Exception:
             return {}
-        return {name: sum(s[k] for k in STAT_STEPS) for name, s in model_statistics(stats).items()}
+        return {name: (s["count"], sum(s[k] for k in STAT_STEPS)) for name, s in model_statistics(stats).items()}
 
     @staticmethod
-    def _stage_times(before: dict[str, float], after: dict[str, float]) -> dict[str, float]:
-        names = {SPEC.preprocess.name: "preprocess_s", SPEC.segmenter.name: "segmenter_s",
-                 SPEC.postprocess.name: "postprocess_s"}
-        return {label: round((after.get(m, 0) - before.get(m, 0)) / 1e9, 3)
-                for m, label in names.items() if m in after and m in before}
+    def _stage_times(before: dict[str, tuple[float, float]], after: dict[str, tuple[float, float]]) -> dict[str, float]:
+        """This request's preprocess and segmenter seconds from Triton's server-wide statistics: only for a model that
+        served exactly one request between the two readings (this one); with other clients in flight the figures
+        would be theirs too, and are left out. (The postprocess measures its own time; the server sends it.)"""
+        names = {SPEC.preprocess.name: "preprocess_s", SPEC.segmenter.name: "segmenter_s"}
+        out = {}
+        for model, label in names.items():
+            if model in before and model in after and after[model][0] - before[model][0] == 1:
+                out[label] = round((after[model][1] - before[model][1]) / 1e9, 3)
+        return out
 
     def close(self) -> None:
         self._client.close()

@@ -10,5 +10,9 @@ ADMIN_PROTOCOLS = ("model-repository", "shared-memory", "logging", "trace", "sta
 ADMIN_KEY_NAME = "medseg-admin-key"
 ADMIN_GRPC_HEADER = f"triton-grpc-protocol-{ADMIN_KEY_NAME}"
 
+# per-request times the server measured (the postprocess its own), in the findings JSON; the client moves them into
+# the result's timings, so findings stay the same for the same study
+SERVER_TIMINGS_KEY = "server_timings_s"
+
 # the tenant's key a medseg gateway routes by (``medseg mig compose``); plain gRPC metadata
 TENANT_KEY_HEADER = "medseg-tenant-key"

@@ -44,11 +44,15 @@ def ct_preprocess_graph(device: str = "gpu"):  # type: ignore[no-untyped-def]
 
 ct_preprocess = dali.pipeline_def(ct_preprocess_graph)
 
+# DALI worker threads: on the GPU they only feed the device (the GPU flavor's config and dali.py); on the CPU they do
+# the resampling, two for the 2-core machines this flavor is sized for (the cpu flavor's config, offline callers)
+GPU_THREADS, CPU_THREADS = 4, 2
+
 
 class CpuPreprocessor:
     """Runs :func:`ct_preprocess` on the CPU one study at a time (thread-safe)."""
 
-    def __init__(self, num_threads: int = 2) -> None:
+    def __init__(self, num_threads: int = CPU_THREADS) -> None:
         self._pipe = ct_preprocess(
             device="cpu",
             batch_size=SPEC.max_batch_size,

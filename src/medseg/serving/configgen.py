@@ -17,6 +17,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from medseg.ops.dali_pipeline import CPU_THREADS, GPU_THREADS
 from medseg.paths import MODEL_REPOSITORY, ONNX_FILE
 from medseg_client.spec import SPEC, ModelIO, Tensor
 
@@ -150,13 +151,13 @@ def config_dicts() -> dict[str, dict[str, Any]]:
         f"{SPEC.ensemble.name}/config.pbtxt": ensemble_config(),
         # GPU production flavor: DALI on the GPU -> TensorRT -> postprocess on the GPU
         f"{pre.name}/config.pbtxt": {**_base(pre), "backend": "dali", **_pinned(pre), **_instances("KIND_GPU"),
-                                     "parameters": _params(num_threads="4")},
+                                     "parameters": _params(num_threads=str(GPU_THREADS))},
         f"{seg.name}/config.pbtxt": {**_base(seg), "platform": "tensorrt_plan", **_pinned(seg),
                                      **_instances("KIND_GPU")},
         f"{post.name}/config.pbtxt": _python_on_gpu(post, "KIND_GPU", engine="torch"),
         # CPU flavor: the same pipeline definition, ONNX Runtime, the same postprocess
         f"{pre.name}/configs/cpu.pbtxt": {**_base(pre), "backend": "python", **_pinned(pre), **_instances("KIND_CPU"),
-                                          "parameters": _params(engine="dali", num_threads="2")},
+                                          "parameters": _params(engine="dali", num_threads=str(CPU_THREADS))},
         f"{seg.name}/configs/cpu.pbtxt": {**_base(seg), "backend": "python", **_pinned(seg), **_instances("KIND_CPU"),
                                           "parameters": _params(engine="onnxruntime", onnx_file=ONNX_FILE,
                                                                 intra_op_threads="0")},

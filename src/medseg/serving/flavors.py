@@ -9,6 +9,7 @@ calls one of these and hands the result to ``triton_glue.execute``; tests call t
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,6 +20,7 @@ import numpy as np
 from medseg.model.provenance import read_provenance
 from medseg.serving.triton_glue import NUMPY, Handler, NumpyTensors, TorchTensors, instance_device, json_tensor, model_parameters
 from medseg_client.errors import ArtifactError, ServerError
+from medseg_client.protocol import SERVER_TIMINGS_KEY
 from medseg_client.spec import SPEC
 from medseg_client.validate import check_study
 
@@ -81,7 +83,7 @@ def preprocess_step(args: dict[str, Any]) -> Step:
     def dali(params: dict[str, str], device: str) -> Step:
         from medseg.ops.dali_pipeline import CpuPreprocessor
 
-        pipeline = CpuPreprocessor(num_threads=int(params.get("num_threads", "2")))
+        pipeline = CpuPreprocessor(num_threads=int(params["num_threads"]))  # configgen writes it
 
         def run(t: dict[str, Any]) -> dict[str, Any]:
             ct, spacing = t["CT"], t["SPACING"]
@@ -138,12 +140,17 @@ def postprocess_step(args: dict[str, Any]) -> Step:
     """ct_postprocess: labels on the study's grid and the findings, stamped with the model's provenance."""
     provenance = read_provenance(Path(args["model_repository"]).parent)
 
+    def stamped(doc: dict[str, Any], t0: float) -> dict[str, Any]:
+        """The findings with the model's provenance and this request's own postprocess time."""
+        return {"model": provenance, **doc, SERVER_TIMINGS_KEY: {"postprocess_s": round(time.perf_counter() - t0, 3)}}
+
     def numpy(params: dict[str, str], device: str) -> Step:
         from medseg.ops.postprocess import postprocess
 
         def run(t: dict[str, Any]) -> dict[str, Any]:
+            t0 = time.perf_counter()
             labels, doc = postprocess(t["LOGITS"], t["GRID"], t["CT"], t["SPACING"])
-            return {"LABELS": labels, "FINDINGS": json_tensor({"model": provenance, **doc})}
+            return {"LABELS": labels, "FINDINGS": json_tensor(stamped(doc, t0))}
 
         return Step(run, NUMPY, "numpy", "cpu")
 
@@ -152,11 +159,12 @@ def postprocess_step(args: dict[str, Any]) -> Step:
         from medseg.ops.postprocess import findings
 
         def run(t: dict[str, Any]) -> dict[str, Any]:
+            t0 = time.perf_counter()
             grid, ct, spacing = (t[k].cpu().numpy() for k in ("GRID", "CT", "SPACING"))
             # argmax, probabilities and the way back to the study's grid on the device; the judging on the host
             labels, verdict = torch_ops.postprocess(t["LOGITS"].to(device), grid, ct, spacing)
             doc = findings(labels, grid, ct, spacing, verdict)
-            return {"LABELS": labels, "FINDINGS": json_tensor({"model": provenance, **doc})}
+            return {"LABELS": labels, "FINDINGS": json_tensor(stamped(doc, t0))}
 
         return Step(run, TorchTensors(), "torch", device)
 
