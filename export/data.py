@@ -5,17 +5,25 @@ Only phantoms this project generates are training data. Real CT (TotalSegmentato
 below refuses any case that is not a phantom.
 
 Labels go to the model grid by nearest-neighbour sampling at the centres of the model voxels, the same grid
-convention as the preprocessing. Results are cached under ``.cache/train`` by seed, region and generator version.
+convention as the preprocessing. Results are cached under ``.cache/train`` by seed, region and the recipe's hash
+(``recipe_key``: the generator's, the preprocessing's and the label sampling's code and the spec's grid and window),
+so a change to any of them makes new cases instead of reusing stale ones.
 """
 
 from __future__ import annotations
+
+import functools
+import hashlib
+import inspect
 
 import numpy as np
 from tqdm import tqdm
 
 from export.augment import MIN_CUT_SLICES, liver_slices
+from medseg.ops import dali_pipeline, preprocess
 from medseg.ops.preprocess import source_coordinates
 from medseg.paths import REPO_ROOT
+from medseg.synth import phantom
 from medseg.synth.phantom import GENERATOR_VERSION, REGIONS, generate
 from medseg_client.spec import SPEC
 
@@ -45,12 +53,24 @@ def labels_to_model_grid(labels: np.ndarray, spacing: tuple[float, ...], grid: t
     return out
 
 
+@functools.cache
+def recipe_key() -> str:
+    """A short hash of what makes a cached training case: the phantom generator's code, the preprocessing's (the DALI
+    graph and its numpy statement of the grid), the label sampling's, and the spec's grid, window and padding."""
+    h = hashlib.sha256()
+    for source in (inspect.getsource(phantom), inspect.getsource(dali_pipeline), inspect.getsource(preprocess),
+                   inspect.getsource(labels_to_model_grid)):
+        h.update(source.encode())
+    h.update(repr((SPEC.model_spacing, SPEC.hu_window, SPEC.network.size_divisor, preprocess.PAD_VALUE)).encode())
+    return h.hexdigest()[:12]
+
+
 def training_case(seed: int, region: str, preprocessor) -> tuple[np.ndarray, np.ndarray]:  # type: ignore[no-untyped-def]
     """(image (1, Z, Y, X) float32 unpadded, labels (1, Z, Y, X) uint8) of one phantom, cached."""
     if region not in REGIONS:
         raise ValueError(f"training cases are phantoms of a region in {REGIONS}, got {region!r}")
     CACHE.mkdir(parents=True, exist_ok=True)
-    path = CACHE / f"v{GENERATOR_VERSION}-seed{seed}-{region}.npz"
+    path = CACHE / f"{recipe_key()}-seed{seed}-{region}.npz"
     if path.exists():
         with np.load(path) as d:
             return d["image"], d["labels"]

@@ -25,14 +25,13 @@ from typing import Any
 
 import numpy as np
 
-from export.augment import RandScanEndd, RandSyntheticTumord
+from export.augment import TUMOR, RandScanEndd, RandSyntheticTumord
 from export.data import PHANTOM_RECIPE, TRAIN_MIX, VAL_CASES, load_cases, scan_end_cases, train_cases
 from medseg.accuracy.metrics import dice
 from medseg.model.network import MANIFEST_FILE, WEIGHTS_FILE, build_network, sha256_of
 from medseg_client.spec import SPEC, padded_shape
 
 PATCH = (96, 96, 96)
-TUMOR = SPEC.label("liver_tumor").value
 BATCH = 2  # patches per step, each from another case
 FALSE_LIVER_SCALE_ML = 100.0  # a scan without a liver costs its validation score in full at this much false liver
 

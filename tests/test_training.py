@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
+import pytest
 
 from export.augment import HU_PER_UNIT, LIVER, TUMOR, RandScanEndd, RandSyntheticTumord, end_scan, paint_tumor
 from export.data import labels_to_model_grid, scan_end_cases
 from medseg.ops.preprocess import PAD_VALUE, pad_to_divisor
+from medseg.synth.phantom import generate
 from medseg_client.spec import model_grid_shape
 
 
@@ -111,3 +115,31 @@ def test_the_shipped_weights_are_finite_and_fit_the_network() -> None:
     state = torch.load(WEIGHTS_FILE, map_location="cpu", weights_only=True)
     assert all(torch.isfinite(v.float()).all() for v in state.values() if v.is_floating_point())
     build_network().load_state_dict({k: v.float() if v.is_floating_point() else v for k, v in state.items()})
+
+
+def test_cached_training_cases_are_keyed_by_the_recipe_and_a_recipe_change_misses_the_cache(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from export import data
+
+    calls: list[tuple[int, ...]] = []
+
+    def preprocessor(ct: np.ndarray, spacing: np.ndarray) -> tuple[np.ndarray, tuple[int, int, int]]:
+        calls.append(ct.shape)
+        return np.zeros((1, 4, 4, 4), np.float32), (4, 4, 4)
+
+    monkeypatch.setattr(data, "CACHE", tmp_path)
+    monkeypatch.setattr(data, "generate", lambda seed, region: generate(seed, region=region, num_slices=8,
+                                                                        slice_thickness=5.0))
+    key = data.recipe_key()
+    assert len(key) == 12 and int(key, 16) >= 0
+    data.training_case(1000, "abdomen", preprocessor)
+    data.training_case(1000, "abdomen", preprocessor)  # from the cache
+    assert len(calls) == 1 and [p.name for p in tmp_path.iterdir()] == [f"{key}-seed1000-abdomen.npz"]
+    data.recipe_key.cache_clear()
+    monkeypatch.setattr(data.inspect, "getsource", lambda obj: "a changed recipe")
+    try:
+        assert data.recipe_key() != key
+        data.training_case(1000, "abdomen", preprocessor)  # a new recipe: built again, not the stale case
+        assert len(calls) == 2
+    finally:
+        data.recipe_key.cache_clear()

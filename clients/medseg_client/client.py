@@ -19,7 +19,7 @@ import random
 import threading
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -232,22 +232,14 @@ class SegmentationClient:
             self.check_model()
         g = self._grpc
         ct_in, sp_in = SPEC.ensemble.inputs
-        labels_t, findings_t = SPEC.ensemble.outputs
+        findings_t = SPEC.ensemble.outputs[1]
         volume = np.ascontiguousarray(ct, dtype=np.int16)[None]
         inputs = [g.InferInput(ct_in.name, list(volume.shape), ct_in.dtype),
                   g.InferInput(sp_in.name, [1, 3], sp_in.dtype)]
         inputs[1].set_data_from_numpy(np.asarray(spacing, np.float32).reshape(1, 3))
         outputs = [g.InferRequestedOutput(t.name) for t in SPEC.ensemble.outputs]
         with ExitStack() as stack:
-            if self.shared_memory:
-                from tritonclient.utils import shared_memory as shm
-
-                regions = stack.enter_context(self._system_shm(volume.nbytes, volume.size))
-                shm.set_shared_memory_region(regions["in"][0], [volume])
-                inputs[0].set_shared_memory(regions["in"][1], volume.nbytes)
-                outputs[0].set_shared_memory(regions["out"][1], volume.size)
-            else:
-                inputs[0].set_data_from_numpy(volume)
+            read_labels = self._attach_volume(stack, volume, inputs[0], outputs[0])
             before = self._model_stats()
             t0 = time.perf_counter()
             try:
@@ -256,10 +248,7 @@ class SegmentationClient:
                 _raise_from(e, f"{self.url}: segmenting")
             elapsed = time.perf_counter() - t0
             try:
-                if self.shared_memory:
-                    labels = shm.get_contents_as_numpy(regions["out"][0], np.uint8, list(volume.shape))[0].copy()
-                else:
-                    labels = response.as_numpy(labels_t.name)[0]
+                labels = read_labels(response)
                 findings = json.loads(response.as_numpy(findings_t.name).reshape(-1)[0])
                 server_timings = findings.pop(SERVER_TIMINGS_KEY, {})
             except (ValueError, TypeError, IndexError) as e:  # e.g. an output that came back empty
@@ -269,6 +258,22 @@ class SegmentationClient:
             raise ServerError(f"server returned labels of shape {labels.shape} for a study of shape {ct.shape}")
         timings = {"request_s": round(elapsed, 3), **self._stage_times(before, self._model_stats()), **server_timings}
         return SegmentationResult(labels, findings, timings)
+
+    def _attach_volume(self, stack: ExitStack, volume: np.ndarray, ct_input: Any,
+                       labels_output: Any) -> Callable[[Any], np.ndarray]:
+        """Put the study on the wire the way this client was made to (in the gRPC message, or through system shared
+        memory registered for this one request, released by ``stack``); the function that reads the labels back."""
+        labels_name = SPEC.ensemble.outputs[0].name
+        if not self.shared_memory:
+            ct_input.set_data_from_numpy(volume)
+            return lambda response: response.as_numpy(labels_name)[0]
+        from tritonclient.utils import shared_memory as shm
+
+        regions = stack.enter_context(self._system_shm(volume.nbytes, volume.size))
+        shm.set_shared_memory_region(regions["in"][0], [volume])
+        ct_input.set_shared_memory(regions["in"][1], volume.nbytes)
+        labels_output.set_shared_memory(regions["out"][1], volume.size)
+        return lambda response: shm.get_contents_as_numpy(regions["out"][0], np.uint8, list(volume.shape))[0].copy()
 
     @contextmanager
     def _system_shm(self, in_bytes: int, out_bytes: int) -> Iterator[dict[str, tuple[Any, str]]]:

@@ -72,6 +72,7 @@ def serve_options(args: argparse.Namespace) -> ServerOptions:
 
 def cmd_serve(args: argparse.Namespace) -> int:
     from medseg.serving.server import EmbeddedServer
+    from medseg.serving.supervisor import Supervisor
 
     options = serve_options(args)
     server = EmbeddedServer(options)
@@ -83,7 +84,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         print(f"medseg serving {SPEC.ensemble.name} ({args.flavor} flavor): gRPC{'+TLS' if options.tls else ''} "
               f"{server.grpc_url}, {http}, {admin}; ready in {time.monotonic() - t0:.1f} s; Ctrl-C stops", flush=True)
 
-    code = server.serve_until_signalled(announce)
+    code = Supervisor(server).serve_until_signalled(announce)
     print("medseg server stopped", flush=True)
     return code
 

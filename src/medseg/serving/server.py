@@ -17,7 +17,6 @@ import sys
 import sysconfig
 import time
 from collections import deque
-from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from threading import Thread
@@ -133,7 +132,7 @@ class ServerOptions:
 
 
 class EmbeddedServer:
-    """Start, wait for and stop the real tritonserver; a context manager."""
+    """Start, wait for and stop the real tritonserver; a context manager. Restarts are `supervisor.Supervisor`'s."""
 
     def __init__(self, options: ServerOptions | None = None, log_file: Path | None = None) -> None:
         options = options or ServerOptions()
@@ -271,77 +270,8 @@ class EmbeddedServer:
             total += sum(int(line.split()[1]) for line in status.splitlines() if line.startswith("VmRSS:")) / 1024
         return total
 
-    def serve_until_signalled(self, on_ready: Callable[[], None] = lambda: None, grace_s: float = 20.0,
-                              restart_on_crash: bool = True, start_attempts: int = 3,
-                              log: Callable[[str], None] = lambda m: print(m, file=sys.stderr, flush=True)) -> int:
-        """Start, call ``on_ready``, and block until the server exits; SIGINT/SIGTERM (from the moment this
-        is called) ask it to stop, and it is killed after ``grace_s``.
-
-        A server that died, or lost a model process (Triton's python backend does not restart one), is
-        restarted on the same ports: the requests it held failed fast and clients retry. A server that
-        cannot start ``start_attempts`` times in a row (a crash loop) ends this with its error.
-        Returns the server's exit code, or 0 when it stopped because it was asked to.
-        """
-        asked: dict[str, float] = {}
-
-        def handler(signum: int, _frame: object) -> None:
-            asked.setdefault("at", time.monotonic())
-            self.terminate()
-
-        previous = {s: signal.signal(s, handler) for s in (signal.SIGINT, signal.SIGTERM)}
-        code = 0
-        try:
-            if not self._start_with_retries(1, asked, log):
-                return 0
-            on_ready()
-            while True:
-                code = self._watch(asked, grace_s, restart_on_crash, log)
-                if "at" in asked or not restart_on_crash:
-                    break
-                log(f"tritonserver exited with code {code}: restarting it")
-                if not self._start_with_retries(start_attempts, asked, log):
-                    break
-                log("server restarted and ready")
-        finally:
-            self.stop(timeout_s=1.0)
-            for s, h in previous.items():
-                signal.signal(s, h)
-        return 0 if "at" in asked else int(code or 0)
-
-    def _start_with_retries(self, attempts: int, asked: dict[str, float],
-                            log: Callable[[str], None] = lambda m: None) -> bool:
-        """Start (again); False if asked to stop meanwhile; ServerError after ``attempts`` failed starts."""
-        for attempt in range(1, attempts + 1):
-            self.stop(timeout_s=1.0)
-            try:
-                self.start()
-                return True
-            except ServerError as e:
-                if "at" in asked:
-                    return False
-                if attempt == attempts:
-                    raise
-                log(f"tritonserver failed to start (attempt {attempt} of {attempts}): {str(e).splitlines()[0]}")
-                time.sleep(attempt)
-        return False
-
-    def _watch(self, asked: dict[str, float], grace_s: float, restart_on_crash: bool,
-               log: Callable[[str], None]) -> int:
-        """Block while the server runs, restarting it when it loses a model process; its exit code."""
-        expected = len(self.model_processes())
-        while self.running():
-            if "at" in asked:
-                if time.monotonic() - asked["at"] > grace_s:
-                    break
-            elif restart_on_crash and (alive := len(self.model_processes())) < expected:
-                log(f"a model process died ({alive} of {expected} left): restarting the server")
-                self.stop(timeout_s=5.0)
-                if "at" in asked or not self._start_with_retries(3, asked, log):
-                    break
-                expected = len(self.model_processes())
-                log("server restarted and ready")
-                continue
-            time.sleep(0.2)
+    def exit_code(self) -> int:
+        """The server process's exit code once it has exited; 0 while it runs or where none was started."""
         return self._proc.returncode if self._proc is not None and self._proc.returncode is not None else 0
 
     def kill(self) -> None:
