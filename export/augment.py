@@ -18,10 +18,8 @@ from typing import Any
 import numpy as np
 
 from medseg.ops.preprocess import PAD_VALUE
-from medseg_client.spec import SPEC
+from medseg_client.spec import LIVER, SPEC, TUMOR
 
-LIVER = SPEC.label("liver").value
-TUMOR = SPEC.label("liver_tumor").value
 HU_PER_UNIT = SPEC.hu_window[1] - SPEC.hu_window[0]  # windowed intensity 1.0 spans the window
 
 

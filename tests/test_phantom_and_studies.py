@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 
 import nibabel as nib
@@ -66,6 +67,11 @@ def test_written_studies_read_back_voxel_for_voxel(fmt: str, small_phantom: Phan
     np.testing.assert_allclose(study.lps_mm([0, 0, 0]), small_phantom.origin_mm, atol=0.01)
     truth = nib.load(str(tmp_path / "labels_truth.nii.gz"))
     np.testing.assert_allclose(truth.affine, study.native_affine_ras, atol=1e-3)
+    if fmt == "dicom":  # the reader builds the study whole: its series, slices and headers in one record
+        assert study.series_uid and len(study.dicom_files) == len(study.frame_indices) == len(study.dicom_headers) \
+            == small_phantom.ct.shape[0] and "slices" in study.note
+    with pytest.raises(dataclasses.FrozenInstanceError):  # and it never changes afterwards
+        study.note = "patched"  # type: ignore[misc]
 
 
 def test_dicom_slices_are_ordered_by_position_not_by_file_name(small_phantom: Phantom, tmp_path: Path) -> None:

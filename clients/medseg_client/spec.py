@@ -192,6 +192,8 @@ def _build() -> Spec:
 
 
 SPEC = _build()
+# the label values the code tests voxels against (each module imports these, none writes its own)
+LIVER, TUMOR = SPEC.label("liver").value, SPEC.label("liver_tumor").value
 
 
 def model_grid_shape(shape: tuple[int, ...], spacing: tuple[float, ...]) -> tuple[int, int, int]:

@@ -16,7 +16,7 @@ from __future__ import annotations
 import json
 import os
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -35,9 +35,10 @@ _LPS = ("L", "P", "S")
 _RAS_FROM_LPS = np.diag([-1.0, -1.0, 1.0, 1.0])
 
 
-@dataclass
+@dataclass(frozen=True, eq=False)
 class Study:
-    """A CT volume on the canonical (z, y, x) LPS grid and how to map results back to its source."""
+    """A CT volume on the canonical (z, y, x) LPS grid and how to map results back to its source (read once,
+    never changed: the reader builds it whole)."""
 
     ct: np.ndarray  # int16 (z, y, x)
     spacing: tuple[float, float, float]  # (z, y, x) mm
@@ -139,6 +140,31 @@ _SERIES_UIDS = ("FrameOfReferenceUID", "StudyInstanceUID", "SeriesInstanceUID") 
 # Type 2 patient and study attributes a SEG copies from its source: an anonymizer may drop them altogether
 _COPIED_TYPE2 = ("PatientName", "PatientID", "PatientBirthDate", "PatientSex", "AccessionNumber", "StudyID",
                  "StudyDate", "StudyTime", "ReferringPhysicianName")
+
+
+@dataclass(frozen=True)
+class SliceGeometry:
+    """A series' in-plane axes and slice normal (LPS unit vectors) and pixel spacing, computed once from its first
+    slice: sorting, the geometry rules, the tilt correction and the affine all use these."""
+
+    row_dir: np.ndarray  # direction of increasing column index (along a row)
+    col_dir: np.ndarray  # direction of increasing row index (along a column)
+    normal: np.ndarray  # row_dir x col_dir
+    pixel_spacing: tuple[float, float]  # (between rows, between columns) mm
+
+    @staticmethod
+    def of(first: Frame) -> SliceGeometry:
+        row_dir, col_dir = first.iop[:3], first.iop[3:]
+        normal = np.cross(row_dir, col_dir)
+        dr, dc = first.pixel_spacing
+        if not (abs(np.linalg.norm(normal) - 1) < 1e-2 and dr > 0 and dc > 0):
+            raise StudyError(f"{first.name}: ImageOrientationPatient or PixelSpacing is degenerate "
+                             f"(orientation {first.iop.tolist()}, spacing {dr} x {dc} mm)")
+        return SliceGeometry(row_dir, col_dir, normal, (dr, dc))
+
+    def position(self, frame: Frame) -> float:
+        """The frame's position along the normal (mm)."""
+        return float(frame.ipp @ self.normal)
 
 
 @dataclass
@@ -438,15 +464,9 @@ def read_dicom_series(folder: Path, series_uid: str | None = None) -> Study:
     if len(frames) < 2:
         raise StudyError(f"{folder}: the CT series has {len(frames)} slice; at least 2 are needed")
     first = frames[0]
-    iop = first.iop
-    row_dir, col_dir = iop[:3], iop[3:]
-    normal = np.cross(row_dir, col_dir)
-    dr, dc = first.pixel_spacing
-    if not (abs(np.linalg.norm(normal) - 1) < 1e-2 and dr > 0 and dc > 0):
-        raise StudyError(f"{first.name}: ImageOrientationPatient or PixelSpacing is degenerate "
-                         f"(orientation {iop.tolist()}, spacing {dr} x {dc} mm)")
-    frames.sort(key=lambda f: float(f.ipp @ normal))
-    dz, tilt = check_slice_geometry(frames, folder)
+    geometry = SliceGeometry.of(first)
+    frames.sort(key=geometry.position)
+    dz, tilt = check_slice_geometry(frames, folder, geometry)
     rows, cols = _header_int(first.ds, "Rows", first.path), _header_int(first.ds, "Columns", first.path)
     if not (0 < rows <= MAX_MATRIX and 0 < cols <= MAX_MATRIX):
         raise StudyError(f"{first.name}: image matrix {rows}x{cols} is outside 1..{MAX_MATRIX}")
@@ -459,30 +479,30 @@ def read_dicom_series(folder: Path, series_uid: str | None = None) -> Study:
     for f in frames:  # the volume holds the pixels; the headers stay for the SEG
         if "PixelData" in f.ds:
             del f.ds.PixelData
-    shifts = tilt_shifts(frames, (dr, dc)) if tilt > MIN_TILT_DEG else None
+    shifts = tilt_shifts(frames, geometry) if tilt > MIN_TILT_DEG else None
     if shifts is not None:
         volume = untilt(volume, shifts)
     # affine from (column i, row j, slice k) index to LPS, then to RAS for the orientation code
+    dr, dc = geometry.pixel_spacing
     lps = np.eye(4)
-    lps[:3, 0] = row_dir * dc
-    lps[:3, 1] = col_dir * dr
-    lps[:3, 2] = normal * dz
+    lps[:3, 0] = geometry.row_dir * dc
+    lps[:3, 1] = geometry.col_dir * dr
+    lps[:3, 2] = geometry.normal * dz
     lps[:3, 3] = frames[0].ipp
     native = volume.transpose(2, 1, 0)  # (i=column, j=row, k=slice)
     study = _canonical(native, _RAS_FROM_LPS @ lps, "dicom", [f.path for f in frames], where=str(folder))
-    study.frame_indices = [f.index for f in frames]
-    study.dicom_headers, study.repairs = [f.ds for f in frames], repairs
+    native_affine_ras = study.native_affine_ras
     if shifts is not None:  # outputs go back onto the tilted slices: a sheared affine
         sheared = lps.copy()
         sheared[:3, 2] = (frames[-1].ipp - frames[0].ipp) / (len(frames) - 1)
-        study.native_affine_ras = _RAS_FROM_LPS @ sheared
-        study.slice_shifts = shifts
+        native_affine_ras = _RAS_FROM_LPS @ sheared
         note += f"; gantry tilt of {tilt:.1f} degrees corrected by shifting slices in-plane"
-    study.series_uid, study.note = chosen, note
-    return study
+    return replace(study, frame_indices=[f.index for f in frames], dicom_headers=[f.ds for f in frames],
+                   repairs=repairs, native_affine_ras=native_affine_ras, slice_shifts=shifts, series_uid=chosen,
+                   note=note)
 
 
-def check_slice_geometry(frames: list[Frame], folder: Path) -> tuple[float, float]:
+def check_slice_geometry(frames: list[Frame], folder: Path, geometry: SliceGeometry | None = None) -> tuple[float, float]:
     """The series' geometry rules, on frames sorted along the normal; returns the slice spacing (mm) and the
     gantry tilt (degrees).
 
@@ -495,15 +515,15 @@ def check_slice_geometry(frames: list[Frame], folder: Path) -> tuple[float, floa
       a larger one refused.
     Each breach is refused with what and where.
     """
-    iop = frames[0].iop
-    normal = np.cross(iop[:3], iop[3:])
+    geometry = geometry or SliceGeometry.of(frames[0])
+    iop, normal = frames[0].iop, geometry.normal
     for f in frames:
         if np.abs(f.iop - iop).max() > 1e-3:
             raise StudyError(f"{f.name}: orientation {f.iop.round(4).tolist()} differs from the series' "
                              f"{iop.round(4).tolist()}: slices are not parallel")
         if np.abs(np.subtract(f.pixel_spacing, frames[0].pixel_spacing)).max() > 1e-3:
             raise StudyError(f"{f.name}: pixel spacing {f.pixel_spacing} differs from the series' {frames[0].pixel_spacing}")
-    z = np.array([float(f.ipp @ normal) for f in frames])
+    z = np.array([geometry.position(f) for f in frames])
     gaps = np.diff(z)
     dup = np.flatnonzero(gaps < 1e-3)
     if len(dup):
@@ -532,14 +552,12 @@ def check_slice_geometry(frames: list[Frame], folder: Path) -> tuple[float, floa
     return dz, tilt
 
 
-def tilt_shifts(frames: list[Frame], pixel_spacing: tuple[float, float]) -> np.ndarray:
+def tilt_shifts(frames: list[Frame], geometry: SliceGeometry) -> np.ndarray:
     """Per slice, the in-plane offset (rows, columns) of a tilted series from the first slice."""
-    iop = frames[0].iop
-    row_dir, col_dir = iop[:3], iop[3:]
-    normal = np.cross(row_dir, col_dir)
     d = np.array([f.ipp - frames[0].ipp for f in frames])
-    d -= np.outer(d @ normal, normal)
-    return np.stack([d @ col_dir / pixel_spacing[0], d @ row_dir / pixel_spacing[1]], axis=1)
+    d -= np.outer(d @ geometry.normal, geometry.normal)
+    dr, dc = geometry.pixel_spacing
+    return np.stack([d @ geometry.col_dir / dr, d @ geometry.row_dir / dc], axis=1)
 
 
 def untilt(volume: np.ndarray, shifts: np.ndarray) -> np.ndarray:

@@ -50,7 +50,7 @@ from scipy import ndimage
 
 from medseg.accuracy.metrics import ACCEPTANCE, BIG, FROC_SIZES, dice, froc, froc_point, locate_tumors, match_tumors, within_reach
 from medseg_client.errors import MedsegError, StudyError, one_line
-from medseg_client.spec import SPEC
+from medseg_client.spec import SPEC, TUMOR
 
 if TYPE_CHECKING:
     from PIL import Image
@@ -59,7 +59,6 @@ if TYPE_CHECKING:
     from medseg_client.io.studies import Study
 
 SCHEMA = "medseg-evaluate/1"
-TUMOR = SPEC.label("liver_tumor").value
 _FULL = np.ones((3, 3, 3), bool)  # 26-connectivity
 # true tumor sizes by longest axial diameter (mm): key, display, [low, high)
 SIZE_BINS = ((BIG, ">= 10 mm", ACCEPTANCE.big_tumor_mm, float("inf")), ("5_to_10mm", "5-10 mm", 5.0, 10.0),

@@ -22,10 +22,8 @@ from dataclasses import dataclass
 import numpy as np
 from scipy import ndimage
 
-from medseg_client.spec import SPEC
+from medseg_client.spec import LIVER, SPEC, TUMOR
 
-LIVER = SPEC.label("liver").value
-TUMOR = SPEC.label("liver_tumor").value
 _FULL = np.ones((3, 3, 3), bool)
 SURFACE_MM = 3.0  # a voxel this close to outside the organ is at its surface
 SURFACE_STRIP = (0.4, 4.0)  # at least this fraction at the surface and this many times longer than thick: a strip

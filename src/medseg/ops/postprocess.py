@@ -21,10 +21,8 @@ from scipy import ndimage
 from medseg.ops.anatomy import not_a_ct, scan_regions
 from medseg.ops.lesions import Candidate, apply_verdicts, judge_candidates
 from medseg.ops.preprocess import source_coordinate, source_coordinates, target_indices
-from medseg_client.spec import SPEC
+from medseg_client.spec import LIVER, SPEC, TUMOR
 
-LIVER = SPEC.label("liver").value
-TUMOR = SPEC.label("liver_tumor").value
 _FULL = np.ones((3, 3, 3), bool)  # 26-connectivity
 
 

@@ -25,10 +25,8 @@ from dataclasses import asdict, dataclass, field
 import numpy as np
 from scipy import ndimage
 
-from medseg_client.spec import SPEC
+from medseg_client.spec import LIVER, TUMOR
 
-LIVER = SPEC.label("liver").value
-TUMOR = SPEC.label("liver_tumor").value
 ROWS = COLS = 512
 GENERATOR_VERSION = 2
 
