@@ -110,24 +110,29 @@ class _Parser(argparse.ArgumentParser):
         raise SystemExit(2)
 
 
+def add_connection_args(p: argparse.ArgumentParser, timeout_help: str) -> None:
+    """How a command reaches the server: address, model, timeout, TLS and the gateway's tenant key."""
+    p.add_argument("-u", "--url", default=DEFAULT_URL, help="gRPC HOST:PORT of the server")
+    p.add_argument("-m", "--model-name", default=SPEC.ensemble.name)
+    p.add_argument("--timeout", type=seconds, default=300.0, help=timeout_help)
+    p.add_argument("--tls-ca", type=Path, default=None, help="connect over TLS, verifying the server with this CA (PEM)")
+    p.add_argument("--tenant-key", default=os.environ.get("MEDSEG_TENANT_KEY"),
+                   help="the tenant's key for a medseg gateway (default: $MEDSEG_TENANT_KEY; prefer the variable, "
+                        "command lines are visible to other users)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The client's commands, then those the installed distributions add (``medseg.commands`` entry points)."""
     ap = _Parser(prog="medseg", description="CT liver and liver-tumor segmentation on Triton")
     sub = ap.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("segment", help="segment a DICOM series folder or a NIfTI file through the server")
-    p.add_argument("-u", "--url", default=DEFAULT_URL, help="gRPC HOST:PORT of the server")
-    p.add_argument("-m", "--model-name", default=SPEC.ensemble.name)
-    p.add_argument("--timeout", type=seconds, default=300.0, help="seconds for the request")
+    add_connection_args(p, timeout_help="seconds for the request")
     p.add_argument("input", type=Path)
     p.add_argument("--out", type=Path, required=True)
     p.add_argument("--series", default=None, help="SeriesInstanceUID to read from a folder holding several")
     p.add_argument("--shared-memory", action="store_true",
                    help="on the server's host: pass the volume and labels through system shared memory, not gRPC")
-    p.add_argument("--tls-ca", type=Path, default=None, help="connect over TLS, verifying the server with this CA (PEM)")
-    p.add_argument("--tenant-key", default=os.environ.get("MEDSEG_TENANT_KEY"),
-                   help="the tenant's key for a medseg gateway (default: $MEDSEG_TENANT_KEY; prefer the variable, "
-                        "command lines are visible to other users)")
     p.set_defaults(func=cmd_segment)
 
     for ep in sorted(entry_points(group=COMMANDS_GROUP), key=lambda e: e.name):

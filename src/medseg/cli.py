@@ -12,9 +12,9 @@ import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from medseg_client.cli import int_in, seconds
+from medseg_client.cli import add_connection_args, int_in
 from medseg_client.errors import MedsegError
-from medseg_client.protocol import DEFAULT_URL, GRPC_PORT, HTTP_PORT, METRICS_PORT
+from medseg_client.protocol import GRPC_PORT, HTTP_PORT, METRICS_PORT
 from medseg_client.spec import SPEC
 
 if TYPE_CHECKING:
@@ -171,8 +171,7 @@ def add_commands(sub: Any) -> None:
     q.set_defaults(func=cmd_mig, command_name="mig compose")
 
     p = sub.add_parser("evaluate", help="judge the served model on labelled data: an nnU-Net folder or DICOM series with SEG")
-    p.add_argument("-u", "--url", default=DEFAULT_URL, help="gRPC HOST:PORT of the server")
-    p.add_argument("-m", "--model-name", default=SPEC.ensemble.name)
+    add_connection_args(p, timeout_help="seconds for each study's request")
     p.add_argument("data", type=Path, help="imagesTs/ + labelsTs/ (nnU-Net), or DICOM case folders each with a SEG")
     p.add_argument("--out", type=Path, required=True, help="report folder: metrics.json, report.md, froc.png, ...")
     p.add_argument("--label-map", nargs="+", default=None, metavar="NAME=V[,V]",
@@ -180,10 +179,6 @@ def add_commands(sub: Any) -> None:
                         "(SEG: by segment descriptions); without tumor= tumors count as not annotated")
     p.add_argument("--ignore-label", type=int, default=None, help="label value left out of every voxel measure")
     p.add_argument("--limit", type=int, default=None, help="evaluate the first N cases only")
-    p.add_argument("--timeout", type=seconds, default=300.0, help="seconds for each study's request")
-    p.add_argument("--tls-ca", type=Path, default=None, help="connect over TLS, verifying the server with this CA (PEM)")
-    p.add_argument("--tenant-key", default=os.environ.get("MEDSEG_TENANT_KEY"),
-                   help="the tenant's key for a medseg gateway (default: $MEDSEG_TENANT_KEY)")
     p.set_defaults(func=cmd_evaluate)
 
     p = sub.add_parser("demo", help="serve, segment an unseen phantom, compare with its ground truth, stop")

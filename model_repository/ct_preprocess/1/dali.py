@@ -6,7 +6,8 @@ The graph is medseg's one preprocessing definition; the CPU flavor runs the same
 from nvidia.dali import pipeline_def
 from nvidia.dali.plugin.triton import autoserialize
 
-from medseg.ops.dali_pipeline import GPU_THREADS, ct_preprocess_graph
+from medseg.ops.dali_pipeline import ct_preprocess_graph
+from medseg.ops.preprocess import GPU_THREADS
 from medseg_client.spec import SPEC
 
 

@@ -16,7 +16,7 @@ import nvidia.dali.fn as fn
 import nvidia.dali.math as dmath
 import nvidia.dali.types as types
 
-from medseg.ops.preprocess import PAD_VALUE
+from medseg.ops.preprocess import CPU_THREADS, PAD_VALUE
 from medseg_client.spec import SPEC
 
 _CT, _SPACING = (t.name for t in SPEC.preprocess.inputs)
@@ -43,10 +43,6 @@ def ct_preprocess_graph(device: str = "gpu"):  # type: ignore[no-untyped-def]
 
 
 ct_preprocess = dali.pipeline_def(ct_preprocess_graph)
-
-# DALI worker threads: on the GPU they only feed the device (the GPU flavor's config and dali.py); on the CPU they do
-# the resampling, two for the 2-core machines this flavor is sized for (the cpu flavor's config, offline callers)
-GPU_THREADS, CPU_THREADS = 4, 2
 
 
 class CpuPreprocessor:

@@ -68,6 +68,10 @@ def resample_linear(vol: np.ndarray, spacing: Sequence[float], out_spacing: Sequ
     return out
 
 
+# DALI worker threads: on the GPU they only feed the device (the GPU flavor's config and dali.py); on the CPU they do
+# the resampling, two for the 2-core machines this flavor is sized for (the cpu flavor's config, offline callers)
+GPU_THREADS, CPU_THREADS = 4, 2
+
 PAD_VALUE = 0.0  # windowed intensity of the padding (the window's low end): what the network sees past a scan's ends
 
 

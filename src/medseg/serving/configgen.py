@@ -17,7 +17,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from medseg.ops.dali_pipeline import CPU_THREADS, GPU_THREADS
+from medseg.ops.preprocess import CPU_THREADS, GPU_THREADS
 from medseg.paths import MODEL_REPOSITORY, ONNX_FILE
 from medseg_client.spec import SPEC, ModelIO, Tensor
 

@@ -35,7 +35,12 @@ class Step:
     device: str
 
 
-def _engine(args: dict[str, Any], model: str, builders: dict[str, Callable[[dict[str, str], str], Step]]) -> Step:
+Builder = Callable[[dict[str, Any], dict[str, str], str], Step]
+"""Makes a step from Triton's model args, the config's parameters and the instance's device."""
+
+
+def _engine(args: dict[str, Any], model: str, builders: dict[str, Builder]) -> Step:
+    """The step the config's ``engine`` parameter names, on the instance's device."""
     params = model_parameters(args)
     engine = params.get("engine", "")
     if engine not in builders:
@@ -44,7 +49,7 @@ def _engine(args: dict[str, Any], model: str, builders: dict[str, Callable[[dict
     device = instance_device(args)
     if device.startswith("cuda"):
         require_cuda(device)
-    return builders[engine](params, device)
+    return builders[engine](args, params, device)
 
 
 def require_numpy_1() -> None:
@@ -77,95 +82,102 @@ def cuda_memory_pool_args(byte_size: int = 1 << 30) -> list[str]:
 # ---------------------------------------------------------------- ct_preprocess
 
 
+def _dali_preprocess(args: dict[str, Any], params: dict[str, str], device: str) -> Step:
+    from medseg.ops.dali_pipeline import CpuPreprocessor
+
+    pipeline = CpuPreprocessor(num_threads=int(params["num_threads"]))  # configgen writes it
+
+    def run(t: dict[str, Any]) -> dict[str, Any]:
+        ct, spacing = t["CT"], t["SPACING"]
+        check_study(ct.shape, ct.dtype, spacing)
+        image, grid = pipeline(ct, spacing)
+        return {"IMAGE": image, "GRID": np.asarray(grid, np.int64)}
+
+    return Step(run, NUMPY, "dali", "cpu")
+
+
+def _torch_preprocess(args: dict[str, Any], params: dict[str, str], device: str) -> Step:
+    import torch
+
+    from medseg.ops import torch_ops
+
+    def run(t: dict[str, Any]) -> dict[str, Any]:
+        ct, spacing = t["CT"], t["SPACING"].cpu().numpy()
+        check_study(tuple(ct.shape), str(ct.dtype).removeprefix("torch."), spacing)  # before any copy to the GPU
+        image, grid = torch_ops.preprocess(ct.to(device), [float(s) for s in spacing])
+        # GRID goes on the device too: a host (numpy) output of a GPU instance bound for a GPU consumer
+        # reached ct_postprocess empty ("input byte size mismatch ... Expected 24, got 0") on an H200
+        return {"IMAGE": image, "GRID": torch.as_tensor(grid, dtype=torch.int64, device=image.device)}
+
+    return Step(run, TorchTensors(), "torch", device)
+
+
 def preprocess_step(args: dict[str, Any]) -> Step:
     """ct_preprocess: validate the study, then window + resample it onto the padded model grid."""
-
-    def dali(params: dict[str, str], device: str) -> Step:
-        from medseg.ops.dali_pipeline import CpuPreprocessor
-
-        pipeline = CpuPreprocessor(num_threads=int(params["num_threads"]))  # configgen writes it
-
-        def run(t: dict[str, Any]) -> dict[str, Any]:
-            ct, spacing = t["CT"], t["SPACING"]
-            check_study(ct.shape, ct.dtype, spacing)
-            image, grid = pipeline(ct, spacing)
-            return {"IMAGE": image, "GRID": np.asarray(grid, np.int64)}
-
-        return Step(run, NUMPY, "dali", "cpu")
-
-    def torch(params: dict[str, str], device: str) -> Step:
-        import torch
-
-        from medseg.ops import torch_ops
-
-        def run(t: dict[str, Any]) -> dict[str, Any]:
-            ct, spacing = t["CT"], t["SPACING"].cpu().numpy()
-            check_study(tuple(ct.shape), str(ct.dtype).removeprefix("torch."), spacing)  # before any copy to the GPU
-            image, grid = torch_ops.preprocess(ct.to(device), [float(s) for s in spacing])
-            # GRID goes on the device too: a host (numpy) output of a GPU instance bound for a GPU consumer
-            # reached ct_postprocess empty ("input byte size mismatch ... Expected 24, got 0") on an H200
-            return {"IMAGE": image, "GRID": torch.as_tensor(grid, dtype=torch.int64, device=image.device)}
-
-        return Step(run, TorchTensors(), "torch", device)
-
-    return _engine(args, SPEC.preprocess.name, {"dali": dali, "torch": torch})
+    return _engine(args, SPEC.preprocess.name, {"dali": _dali_preprocess, "torch": _torch_preprocess})
 
 
 # ---------------------------------------------------------------- ct_segmenter
 
 
+def _onnxruntime_segmenter(args: dict[str, Any], params: dict[str, str], device: str) -> Step:
+    from medseg.model.inference import OnnxSegmenter
+
+    version_dir = Path(args["model_repository"]) / args["model_version"]
+    segmenter = OnnxSegmenter(version_dir / params["onnx_file"], threads=int(params.get("intra_op_threads", "0")))
+    return Step(lambda t: {"LOGITS": segmenter(t["IMAGE"])}, NUMPY, "onnxruntime", "cpu")
+
+
+def _torch_segmenter(args: dict[str, Any], params: dict[str, str], device: str) -> Step:
+    from medseg.model.inference import TorchSegmenter
+
+    segmenter = TorchSegmenter(device, params.get("precision", "fp16"))
+    return Step(lambda t: {"LOGITS": segmenter(t["IMAGE"].to(device))}, TorchTensors(), "torch", device)
+
+
 def segmenter_step(args: dict[str, Any]) -> Step:
     """ct_segmenter: logits of the padded image, in z tiles when large."""
-
-    def onnxruntime(params: dict[str, str], device: str) -> Step:
-        from medseg.model.inference import OnnxSegmenter
-
-        version_dir = Path(args["model_repository"]) / args["model_version"]
-        segmenter = OnnxSegmenter(version_dir / params["onnx_file"], threads=int(params.get("intra_op_threads", "0")))
-        return Step(lambda t: {"LOGITS": segmenter(t["IMAGE"])}, NUMPY, "onnxruntime", "cpu")
-
-    def torch(params: dict[str, str], device: str) -> Step:
-        from medseg.model.inference import TorchSegmenter
-
-        segmenter = TorchSegmenter(device, params.get("precision", "fp16"))
-        return Step(lambda t: {"LOGITS": segmenter(t["IMAGE"].to(device))}, TorchTensors(), "torch", device)
-
-    return _engine(args, SPEC.segmenter.name, {"onnxruntime": onnxruntime, "torch": torch})
+    return _engine(args, SPEC.segmenter.name, {"onnxruntime": _onnxruntime_segmenter, "torch": _torch_segmenter})
 
 
 # ---------------------------------------------------------------- ct_postprocess
 
 
-def postprocess_step(args: dict[str, Any]) -> Step:
-    """ct_postprocess: labels on the study's grid and the findings, stamped with the model's provenance."""
+def _stamped(doc: dict[str, Any], provenance: dict[str, Any], t0: float) -> dict[str, Any]:
+    """The findings with the model's provenance and this request's own postprocess time."""
+    return {"model": provenance, **doc, SERVER_TIMINGS_KEY: {"postprocess_s": round(time.perf_counter() - t0, 3)}}
+
+
+def _numpy_postprocess(args: dict[str, Any], params: dict[str, str], device: str) -> Step:
+    from medseg.ops.postprocess import postprocess
+
     provenance = read_provenance(Path(args["model_repository"]).parent)
 
-    def stamped(doc: dict[str, Any], t0: float) -> dict[str, Any]:
-        """The findings with the model's provenance and this request's own postprocess time."""
-        return {"model": provenance, **doc, SERVER_TIMINGS_KEY: {"postprocess_s": round(time.perf_counter() - t0, 3)}}
+    def run(t: dict[str, Any]) -> dict[str, Any]:
+        t0 = time.perf_counter()
+        labels, doc = postprocess(t["LOGITS"], t["GRID"], t["CT"], t["SPACING"])
+        return {"LABELS": labels, "FINDINGS": json_tensor(_stamped(doc, provenance, t0))}
 
-    def numpy(params: dict[str, str], device: str) -> Step:
-        from medseg.ops.postprocess import postprocess
+    return Step(run, NUMPY, "numpy", "cpu")
 
-        def run(t: dict[str, Any]) -> dict[str, Any]:
-            t0 = time.perf_counter()
-            labels, doc = postprocess(t["LOGITS"], t["GRID"], t["CT"], t["SPACING"])
-            return {"LABELS": labels, "FINDINGS": json_tensor(stamped(doc, t0))}
 
-        return Step(run, NUMPY, "numpy", "cpu")
+def _torch_postprocess(args: dict[str, Any], params: dict[str, str], device: str) -> Step:
+    from medseg.ops import torch_ops
+    from medseg.ops.postprocess import findings
 
-    def torch(params: dict[str, str], device: str) -> Step:
-        from medseg.ops import torch_ops
-        from medseg.ops.postprocess import findings
+    provenance = read_provenance(Path(args["model_repository"]).parent)
 
-        def run(t: dict[str, Any]) -> dict[str, Any]:
-            t0 = time.perf_counter()
-            grid, ct, spacing = (t[k].cpu().numpy() for k in ("GRID", "CT", "SPACING"))
-            # argmax, probabilities and the way back to the study's grid on the device; the judging on the host
-            labels, verdict = torch_ops.postprocess(t["LOGITS"].to(device), grid, ct, spacing)
-            doc = findings(labels, grid, ct, spacing, verdict)
-            return {"LABELS": labels, "FINDINGS": json_tensor(stamped(doc, t0))}
+    def run(t: dict[str, Any]) -> dict[str, Any]:
+        t0 = time.perf_counter()
+        grid, ct, spacing = (t[k].cpu().numpy() for k in ("GRID", "CT", "SPACING"))
+        # argmax, probabilities and the way back to the study's grid on the device; the judging on the host
+        labels, verdict = torch_ops.postprocess(t["LOGITS"].to(device), grid, ct, spacing)
+        doc = findings(labels, grid, ct, spacing, verdict)
+        return {"LABELS": labels, "FINDINGS": json_tensor(_stamped(doc, provenance, t0))}
 
-        return Step(run, TorchTensors(), "torch", device)
+    return Step(run, TorchTensors(), "torch", device)
 
-    return _engine(args, SPEC.postprocess.name, {"numpy": numpy, "torch": torch})
+
+def postprocess_step(args: dict[str, Any]) -> Step:
+    """ct_postprocess: labels on the study's grid and the findings, stamped with the model's provenance."""
+    return _engine(args, SPEC.postprocess.name, {"numpy": _numpy_postprocess, "torch": _torch_postprocess})
