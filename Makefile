@@ -5,7 +5,7 @@ STAMP := .venv/.installed-stamp
 ONNX := model_repository/ct_segmenter/1/model.onnx
 WEIGHTS := export/weights/ct_liver_unet.fp16.pt export/weights/manifest.json
 
-.PHONY: venv sysdeps perf-tools realct artifacts configs demo test test-unit test-server test-slow soak lint bench bench-full accuracy weights clean
+.PHONY: venv sysdeps perf-tools realct artifacts configs demo test test-unit test-server test-slow soak lint bench bench-full accuracy weights nnunet-fixture clean
 
 # Debian tools the tests use as oracles: dciodvfy validates every DICOM object we write,
 # dcmtk's dcmcjpeg makes JPEG-lossless series (no Python encoder exists), dcm2niix is the geometry oracle
@@ -90,9 +90,11 @@ test-slow: $(STAMP) $(ONNX) realct
 soak: $(STAMP) $(ONNX)
 	$(PY) -m perf.soak
 
-# the short benchmark (< 10 min on 2 cores); `make bench-full` sweeps sizes, concurrency and instances
-bench: $(STAMP) $(ONNX) sysdeps $(PERF_ANALYZER)
+# the short benchmark (< 10 min on 2 cores), then the imported nnU-Net model against nnUNetPredictor (about 15 min);
+# `make bench-full` sweeps sizes, concurrency and instances
+bench: $(STAMP) $(ONNX) sysdeps $(PERF_ANALYZER) realct
 	$(PY) -m perf.bench --readme
+	$(PY) -m perf.imported --readme
 
 bench-full: $(STAMP) $(ONNX) sysdeps $(PERF_ANALYZER)
 	$(PY) -m perf.bench --full --out perf/results/full
@@ -111,6 +113,11 @@ weights: $(STAMP)
 	  --out .cache/stage1
 	$(PY) -m export.train --init .cache/stage1/ct_liver_unet.fp16.pt --epochs 20 --lr 5e-4 --class-ratios 1 1 3 \
 	  --ce-weights 1 1 2 --synthetic-tumors 0.5 --out export/weights
+
+# the nnU-Net v2 results folder the importer's tests and bench use (committed under tests/fixtures/nnunet): phantoms
+# planned, preprocessed and trained by nnU-Net's own code with shrunk plans (about 20 min on 2 CPU cores)
+nnunet-fixture: $(STAMP)
+	OMP_NUM_THREADS=2 $(PY) -m export.nnunet_fixture
 
 clean:
 	rm -rf demo_out .cache .pytest_cache .mypy_cache .ruff_cache .triton_backends .perf_tools medseg.egg-info

@@ -263,15 +263,16 @@ def write(doc: dict[str, Any], out: Path) -> list[Path]:
     return [out / "bench.json", out / "bench.csv", out / "bench.md", *plots(doc, out)]
 
 
-def headline_block(text: str) -> str:
-    """The headline block (markers included) of a markdown text; raises ValueError if it has none."""
-    found = re.search(re.escape(BEGIN) + r".*?" + re.escape(END), text, flags=re.S)
+def headline_block(text: str, begin: str = BEGIN, end: str = END) -> str:
+    """The block between ``begin`` and ``end`` (markers included; the headline's by default) of a markdown text;
+    raises ValueError if it has none."""
+    found = re.search(re.escape(begin) + r".*?" + re.escape(end), text, flags=re.S)
     if not found:
-        raise ValueError(f"no {BEGIN} ... {END} block")
+        raise ValueError(f"no {begin} ... {end} block")
     return found.group(0)
 
 
-def update_readme(readme: Path, bench_md: Path) -> None:
-    """Replace the README's headline block with the report's."""
+def update_readme(readme: Path, bench_md: Path, begin: str = BEGIN, end: str = END) -> None:
+    """Replace the README's block (the headline's by default) with the report's."""
     text = readme.read_text()
-    readme.write_text(text.replace(headline_block(text), headline_block(bench_md.read_text())))
+    readme.write_text(text.replace(headline_block(text, begin, end), headline_block(bench_md.read_text(), begin, end)))

@@ -107,7 +107,9 @@ def test_usage_errors_of_every_command_are_one_line(cli: Any, tmp_path: Path) ->
              ["phantom", "--seed", "1", "--out", out, "--format", "png"], ["segment"], ["segment", "x"],
              ["segment", "x", "--out", out, "--timeout", "soon"], ["mig"], ["mig", "plan"], ["mig", "launch"],
              ["mig", "compose", str(TENANTS)], ["serve", "--grpc-port", "abc"], ["serve", "--flavor", "tpu"],
-             ["serve", "--bogus"], ["demo", "--seed", "x"], ["evaluate"]]
+             ["serve", "--bogus"], ["demo", "--seed", "x"], ["evaluate"], ["import"], ["import", "monai"],
+             ["import", "nnunet"], ["import", "nnunet", "x"], ["import", "nnunet", "x", "--name", "n", "--step", "half"],
+             ["models", "--timeout", "soon"], ["models", "extra"]]
     runs = [cli(*argv) for argv in cases]
     assert_clean(runs)
     assert {r.code for r in runs} == {2}
@@ -180,9 +182,28 @@ def test_serve_refuses_bad_arguments_and_files_in_one_line_before_starting(cli: 
              ["--tls-cert", str(tmp_path / "none.pem"), "--tls-key", str(tmp_path / "none.pem")],
              ["--tls-cert", str(tmp_path / "junk.pem"), "--tls-key", str(tmp_path / "junk.pem")],
              ["--tls-cert", str(tmp_path / "binary.pem"), "--tls-key", str(tmp_path / "binary.pem")],
-             ["--tls-cert", str(tmp_path), "--tls-key", str(tmp_path)]]
+             ["--tls-cert", str(tmp_path), "--tls-key", str(tmp_path)],
+             ["--model-repository", str(tmp_path / "none")], ["--model-repository", str(tmp_path)]]
     runs = [cli("serve", "--grpc-port", "0", *argv) if "--grpc-port" not in argv else cli("serve", *argv)
             for argv in cases]
+    assert_clean(runs)
+    assert {r.code for r in runs} == {2}
+
+
+def test_import_and_models_refuse_in_one_line(cli: Any, tmp_path: Path) -> None:
+    """`medseg import nnunet` on folders that are no results folder, a bad step or repository; `medseg models` on a
+    server that is not there."""
+    (tmp_path / "file").write_text("x")
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "bad").mkdir()
+    (tmp_path / "bad" / "plans.json").write_text("{not json")
+    (tmp_path / "bad" / "dataset.json").write_text("{}")
+    cases = [["nnunet", str(tmp_path / "none"), "--name", "m"], ["nnunet", str(tmp_path / "file"), "--name", "m"],
+             ["nnunet", str(tmp_path / "empty"), "--name", "m"], ["nnunet", str(tmp_path / "bad"), "--name", "m"],
+             ["nnunet", str(tmp_path / "empty"), "--name", "m", "--step", "0"],
+             ["nnunet", str(tmp_path / "empty"), "--name", "m", "--model-repository", str(tmp_path / "file")]]
+    runs = [cli("import", *argv) for argv in cases]
+    runs.append(cli("models", "-u", UNREACHABLE, "--timeout", "2"))
     assert_clean(runs)
     assert {r.code for r in runs} == {2}
 

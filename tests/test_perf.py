@@ -137,3 +137,11 @@ def test_the_real_perf_analyzer_measures_the_served_ensemble(server: Any, tmp_pa
         rows = pa.run(server.grpc_url, tmp_path / "in", shapes, tmp_path / f"{transport}.csv", concurrency=(1, 1),
                       shared_memory=transport, output_bytes=int(ph.ct.size) + (1 << 20), requests_per_window=2)
         assert len(rows) == 1 and rows[0].throughput > 0 and rows[0].p50_ms > 0
+
+
+def test_readmes_imported_model_table_is_a_measured_one() -> None:
+    from perf.imported import BEGIN, END
+
+    readme = report.headline_block((REPO_ROOT / "README.md").read_text(), BEGIN, END)
+    reports = [report.headline_block(p.read_text(), BEGIN, END) for p in (REPO_ROOT / "perf" / "results").glob("*/imported.md")]
+    assert readme in reports, "README's imported-model table differs from every perf/results/*/imported.md: run `make bench`"

@@ -263,3 +263,18 @@ def test_a_tilted_series_is_corrected_onto_the_orthogonal_grid_and_labels_go_bac
     assert np.array_equal(native.transpose(2, 1, 0), tilt_rows(ph.labels, 0))
     shear = study.native_affine_ras[:3, 2]
     assert abs(shear[1]) > 0.5  # the output affine keeps the tilt (a step in y per slice)
+
+
+def test_the_phantom_records_its_other_organs_on_their_sides() -> None:
+    """Phantom.organs: spleen and kidneys where they were drawn, never on the liver, each kidney on its own side of
+    the spine (LPS: x < 0, a lower column index, is the patient's right), with adult volumes."""
+    from medseg.synth.phantom import ORGANS
+
+    ph = generate(6000, num_slices=60, slice_thickness=4.0)
+    assert ph.organs is not None and ph.organs.shape == ph.labels.shape
+    assert not (ph.organs.astype(bool) & (ph.labels > 0)).any()
+    ml = {name: float((ph.organs == v).sum()) * float(np.prod(ph.spacing)) / 1000 for name, v in ORGANS.items()}
+    assert all(20 < v < 600 for v in ml.values()), ml
+    centre = ph.ct.shape[2] / 2
+    columns = {name: np.nonzero(ph.organs == v)[2].mean() for name, v in ORGANS.items()}
+    assert columns["kidney_right"] < centre < columns["kidney_left"] and columns["spleen"] > centre

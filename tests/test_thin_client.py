@@ -59,10 +59,10 @@ def test_the_client_alone_has_none_of_the_server_sides_packages(client_venv: Pat
     assert r.returncode == 1 and "No module named 'medseg'" in r.stderr
 
 
-def test_the_clients_medseg_command_has_segment_only(client_venv: Path) -> None:
+def test_the_clients_medseg_command_has_the_client_commands_only(client_venv: Path) -> None:
     medseg = client_venv.parent / "medseg"
     r = _run([str(medseg), "--help"])
-    assert r.returncode == 0 and "{segment}" in r.stdout, r.stdout + r.stderr  # no server-side command
+    assert r.returncode == 0 and "{segment,models}" in r.stdout, r.stdout + r.stderr  # no server-side command
     r = _run([str(medseg), "serve"])
     assert r.returncode == 2 and r.stderr.count("\n") == 1 and "invalid choice: 'serve'" in r.stderr, r.stderr
 

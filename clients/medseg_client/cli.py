@@ -26,6 +26,7 @@ C-core log lines (``GRPC_VERBOSITY=NONE`` unless set): their failures come back 
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import os
 import sys
@@ -58,6 +59,25 @@ def cmd_segment(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_models(args: argparse.Namespace) -> int:
+    from medseg_client.client import SegmentationClient
+
+    with SegmentationClient(args.url, timeout_s=args.timeout, tenant_key=args.tenant_key, tls_ca=args.tls_ca,
+                            admin_key=os.environ.get("MEDSEG_ADMIN_KEY")) as session:
+        cards = session.models()
+    if args.json:
+        print(json.dumps([json.loads(c.to_json()) for c in cards], indent=2))
+        return 0
+    for card in cards:
+        print(f"{card.name} v{card.version} ({card.source.get('kind', '?')}): {card.description}")
+        for lab in card.labels[1:]:
+            coded = f"{lab.type.meaning} ({lab.type.scheme} {lab.type.value})" if lab.type else "no DICOM code"
+            print(f"  {lab.value} {lab.name}: {coded}")
+    if not cards:
+        print("no medseg models loaded")
+    return 0 if cards else EXIT_NOTHING_REPORTED
+
+
 def summary(doc: dict[str, Any]) -> str:
     """A few human lines of a findings document."""
     f = doc["findings"]
@@ -65,6 +85,9 @@ def summary(doc: dict[str, Any]) -> str:
     scan = status.get("scan", {}).get("regions_mm", {})
     lines = [f"status: {status['code']}" + ("" if status["reported"] else " - NOTHING REPORTED") + f": {status['reason']}"
              + (f" (scan: {', '.join(f'{k} {v:.0f} mm' for k, v in scan.items())})" if scan else "")]
+    if "labels" in f:  # an imported model: what it labelled, class by class
+        lines.extend(f"{c['name']}: {c['volume_ml']:.1f} mL in {c['components']} component(s)" for c in f["labels"])
+        return "\n".join(lines)
     if status["reported"]:
         lines.append(f"liver: {f['liver']['volume_ml']:.0f} mL"
                      + ("" if status.get("liver", {}).get("cut_off", "none") == "none" else " in view (partial)")
@@ -113,7 +136,8 @@ class _Parser(argparse.ArgumentParser):
 def add_connection_args(p: argparse.ArgumentParser, timeout_help: str) -> None:
     """How a command reaches the server: address, model, timeout, TLS and the gateway's tenant key."""
     p.add_argument("-u", "--url", default=DEFAULT_URL, help="gRPC HOST:PORT of the server")
-    p.add_argument("-m", "--model-name", default=SPEC.ensemble.name)
+    p.add_argument("-m", "--model-name", "--model", default=SPEC.ensemble.name,
+                   help=f"the served model (default {SPEC.ensemble.name}; `medseg models` lists them)")
     p.add_argument("--timeout", type=seconds, default=300.0, help=timeout_help)
     p.add_argument("--tls-ca", type=Path, default=None, help="connect over TLS, verifying the server with this CA (PEM)")
     p.add_argument("--tenant-key", default=os.environ.get("MEDSEG_TENANT_KEY"),
@@ -134,6 +158,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--shared-memory", action="store_true",
                    help="on the server's host: pass the volume and labels through system shared memory, not gRPC")
     p.set_defaults(func=cmd_segment)
+
+    p = sub.add_parser("models", help="list the models a server serves: names, versions, labels")
+    p.add_argument("-u", "--url", default=DEFAULT_URL, help="gRPC HOST:PORT of the server")
+    p.add_argument("--timeout", type=seconds, default=30.0, help="seconds for each call")
+    p.add_argument("--tls-ca", type=Path, default=None, help="connect over TLS, verifying the server with this CA (PEM)")
+    p.add_argument("--tenant-key", default=os.environ.get("MEDSEG_TENANT_KEY"),
+                   help="the tenant's key for a medseg gateway (default: $MEDSEG_TENANT_KEY)")
+    p.add_argument("--json", action="store_true", help="the cards as JSON")
+    p.set_defaults(func=cmd_models)
 
     for ep in sorted(entry_points(group=COMMANDS_GROUP), key=lambda e: e.name):
         ep.load()(sub)

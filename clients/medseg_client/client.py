@@ -28,6 +28,7 @@ from typing import Any
 
 import numpy as np
 
+from medseg_client.card import CARD_PARAMETER, ModelCard, spec_card
 from medseg_client.errors import MedsegError, ServerError, StudyError
 from medseg_client.protocol import ADMIN_GRPC_HEADER, SERVER_TIMINGS_KEY, TENANT_KEY_HEADER
 from medseg_client.spec import SPEC, ModelIO
@@ -177,6 +178,48 @@ class SegmentationClient:
         self._checked = True
         return dict(meta)
 
+    def card(self) -> ModelCard:
+        """The served model's card (labels, codes, versions, how it runs), from its ensemble's configuration."""
+        if self.model_name == SPEC.ensemble.name:
+            return spec_card()
+        try:
+            config = self._client.get_model_config(self.model_name, headers=self._headers, as_json=True,
+                                                   client_timeout=self._control_s)
+        except Exception as e:
+            _raise_from(e, f"{self.url}: configuration of {self.model_name}")
+        text = config.get("config", {}).get("parameters", {}).get(CARD_PARAMETER, {}).get("string_value", "")
+        if not text:
+            raise ModelMismatchError(f"{self.url}: {self.model_name} has no medseg model card (not a medseg ensemble)")
+        return ModelCard.from_json(text, f"{self.model_name}'s card")
+
+    def models(self) -> list[ModelCard]:
+        """The cards of every medseg model the server has loaded (needs the model-repository protocol: the admin
+        key on a hardened server)."""
+        try:
+            index = self._client.get_model_repository_index(headers=self._headers, as_json=True,
+                                                            client_timeout=self._control_s)
+        except Exception as e:
+            from tritonclient.utils import InferenceServerException
+
+            if isinstance(e, InferenceServerException) and "restricted" in str(e.message() or e):
+                raise ServerError(f"{self.url}: the model list is an admin API on this server; set MEDSEG_ADMIN_KEY "
+                                  "(or name the model: medseg segment --model-name NAME)") from None
+            _raise_from(e, f"{self.url}: model repository index")
+        cards = []
+        for entry in index.get("models", []):
+            if entry.get("state") != "READY":
+                continue
+            try:
+                config = self._client.get_model_config(entry["name"], headers=self._headers, as_json=True,
+                                                       client_timeout=self._control_s)
+            except Exception as e:
+                _raise_from(e, f"{self.url}: configuration of {entry['name']}")
+            config = config.get("config", {})
+            text = config.get("parameters", {}).get(CARD_PARAMETER, {}).get("string_value", "")
+            if config.get("platform") == "ensemble" and text:
+                cards.append(ModelCard.from_json(text, f"{entry['name']}'s card"))
+        return sorted(cards, key=lambda c: c.name)
+
     def segment(self, ct: np.ndarray, spacing: tuple[float, float, float],
                 cancel: threading.Event | None = None) -> SegmentationResult:
         """Segment one (z, y, x) int16 HU volume with its (z, y, x) spacing in mm.
@@ -256,7 +299,8 @@ class SegmentationClient:
                                   "nothing was kept") from e
         if labels.shape != ct.shape:
             raise ServerError(f"server returned labels of shape {labels.shape} for a study of shape {ct.shape}")
-        timings = {"request_s": round(elapsed, 3), **self._stage_times(before, self._model_stats()), **server_timings}
+        stages = self._stage_times(before, self._model_stats(), self.model_name)
+        timings = {"request_s": round(elapsed, 3), **stages, **server_timings}
         return SegmentationResult(labels, findings, timings)
 
     def _attach_volume(self, stack: ExitStack, volume: np.ndarray, ct_input: Any,
@@ -331,11 +375,14 @@ class SegmentationClient:
         return {name: (s["count"], sum(s[k] for k in STAT_STEPS)) for name, s in model_statistics(stats).items()}
 
     @staticmethod
-    def _stage_times(before: dict[str, tuple[float, float]], after: dict[str, tuple[float, float]]) -> dict[str, float]:
+    def _stage_times(before: dict[str, tuple[float, float]], after: dict[str, tuple[float, float]],
+                     model_name: str = SPEC.ensemble.name) -> dict[str, float]:
         """This request's preprocess and segmenter seconds from Triton's server-wide statistics: only for a model that
         served exactly one request between the two readings (this one); with other clients in flight the figures
         would be theirs too, and are left out. (The postprocess measures its own time; the server sends it.)"""
         names = {SPEC.preprocess.name: "preprocess_s", SPEC.segmenter.name: "segmenter_s"}
+        if model_name != SPEC.ensemble.name:  # an imported model's steps (medseg_client.card)
+            names = {f"{model_name}_preprocess": "preprocess_s", f"{model_name}_segmenter": "segmenter_s"}
         out = {}
         for model, label in names.items():
             if model in before and model in after and after[model][0] - before[model][0] == 1:

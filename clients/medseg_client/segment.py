@@ -70,6 +70,7 @@ def segment_to_dir(url: str, source: Path, out: Path, model_name: str, timeout_s
         print(f"note: header repaired: {repair}", flush=True)
     t_read = time.perf_counter() - t0
     with SegmentationClient(url, model_name=model_name, timeout_s=timeout_s, **client) as session:
+        card = session.card()  # the labels' names, colours and DICOM codes, as the server has them
         result = session.segment(study.ct, study.spacing)
     t1 = time.perf_counter()
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -78,10 +79,13 @@ def segment_to_dir(url: str, source: Path, out: Path, model_name: str, timeout_s
     try:
         native = study.to_native(result.labels)
         save_nifti(native, study.native_affine_ras, staging / LABELS_FILE)
-        if study.source == "dicom":
+        if study.source == "dicom" and card.uncoded():
+            print(f"note: no {SEG_FILE}: {card.name}'s card has no DICOM codes for {', '.join(card.uncoded())} "
+                  "(import it with --label-codes)", flush=True)
+        elif study.source == "dicom":
             write_seg(staging / SEG_FILE, study.dicom_headers or study.dicom_files, native,
-                      result.findings.get("model", {}), study.frame_indices)
-        write_preview(staging / PREVIEW_FILE, study.ct, result.labels, study.spacing, result.findings)
+                      result.findings.get("model", {}), study.frame_indices, card.labels, card.description)
+        write_preview(staging / PREVIEW_FILE, study.ct, result.labels, study.spacing, result.findings, card.labels)
         timings = {"read_study_s": round(t_read, 3), **result.timings_s,
                    "write_outputs_s": round(time.perf_counter() - t1, 3)}
         timings["total_s"] = round(time.perf_counter() - t0, 3)

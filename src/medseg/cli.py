@@ -12,6 +12,7 @@ import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from medseg.paths import MODEL_REPOSITORY
 from medseg_client.cli import add_connection_args, int_in
 from medseg_client.errors import MedsegError
 from medseg_client.protocol import GRPC_PORT, HTTP_PORT, METRICS_PORT
@@ -65,9 +66,20 @@ def serve_options(args: argparse.Namespace) -> ServerOptions:
         tls = Tls(args.tls_cert, args.tls_key)
     # the admin protocols are always closed: behind $MEDSEG_ADMIN_KEY, or a key nobody knows
     admin_key = os.environ.get("MEDSEG_ADMIN_KEY") or secrets.token_urlsafe(24)
+    if not (args.model_repository / SPEC.ensemble.name).is_dir() and not served_models(args.model_repository):
+        raise MedsegError(f"--model-repository {args.model_repository}: expected a model repository (model folders, "
+                          f"{SPEC.ensemble.name} or imported ones with a card.json), found none")
     return ServerOptions(flavor=args.flavor, grpc_port=args.grpc_port, http_port=args.http_port,
                          metrics_port=args.metrics_port, address=args.address, extra_args=extra, http=args.http,
-                         admin_key=admin_key, tls=tls)
+                         admin_key=admin_key, tls=tls, model_repository=args.model_repository.resolve())
+
+
+def served_models(repository: Path) -> list[str]:
+    """The ensembles a repository holds: the shipped liver model and every imported one (a folder with a card)."""
+    from medseg_client.card import CARD_FILE
+
+    shipped = [SPEC.ensemble.name] if (repository / SPEC.ensemble.name).is_dir() else []
+    return shipped + sorted(p.parent.name for p in repository.glob(f"*/{CARD_FILE}"))
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
@@ -81,12 +93,29 @@ def cmd_serve(args: argparse.Namespace) -> int:
     def announce() -> None:
         http = f"HTTP {server.http_url}" if options.http else "HTTP off"
         admin = "admin APIs need $MEDSEG_ADMIN_KEY" if os.environ.get("MEDSEG_ADMIN_KEY") else "admin APIs closed"
-        print(f"medseg serving {SPEC.ensemble.name} ({args.flavor} flavor): gRPC{'+TLS' if options.tls else ''} "
+        models = ", ".join(served_models(options.model_repository))
+        print(f"medseg serving {models} ({args.flavor} flavor): gRPC{'+TLS' if options.tls else ''} "
               f"{server.grpc_url}, {http}, {admin}; ready in {time.monotonic() - t0:.1f} s; Ctrl-C stops", flush=True)
 
     code = Supervisor(server).serve_until_signalled(announce)
     print("medseg server stopped", flush=True)
     return code
+
+
+def cmd_import(args: argparse.Namespace) -> int:
+    from medseg.importers.nnunet import import_nnunet
+
+    if not 0 < args.step <= 1:
+        raise MedsegError(f"--step must be in (0, 1], got {args.step}")
+    card = import_nnunet(args.results, args.name, args.model_repository, folds=args.fold, checkpoint=args.checkpoint,
+                         mirroring=not args.no_mirroring, step=args.step, label_codes=args.label_codes,
+                         orientation=args.orientation)
+    uncoded = card.uncoded()
+    if uncoded:
+        print(f"note: labels without DICOM codes: {', '.join(uncoded)}; `medseg segment` writes no SEG for this model "
+              "until --label-codes gives them")
+    print(f"imported {card.name}; serve it with `medseg serve --model-repository {args.model_repository}`")
+    return 0
 
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
@@ -134,7 +163,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 
 def add_commands(sub: Any) -> None:
-    """Add phantom, serve, evaluate, mig and demo to the ``medseg`` command's subparsers."""
+    """Add phantom, serve, import, evaluate, mig and demo to the ``medseg`` command's subparsers."""
     p = sub.add_parser("phantom", help="write a synthetic abdominal CT study with its ground truth")
     p.add_argument("--seed", type=int_in(0, 2**63 - 1), required=True)
     p.add_argument("--out", type=Path, required=True)
@@ -155,7 +184,29 @@ def add_commands(sub: Any) -> None:
     p.add_argument("--http", action="store_true", help="also serve Triton's HTTP API on --http-port (off by default)")
     p.add_argument("--tls-cert", type=Path, default=None, help="serve gRPC over TLS with this certificate chain (PEM)")
     p.add_argument("--tls-key", type=Path, default=None, help="the TLS certificate's private key (PEM)")
+    p.add_argument("--model-repository", type=Path, default=MODEL_REPOSITORY,
+                   help="the model repository to serve (default: this checkout's; imported models live beside the "
+                        "shipped one, see `medseg import`)")
     p.set_defaults(func=cmd_serve)
+
+    p = sub.add_parser("import", help="make a hospital's own model servable: an nnU-Net v2 results folder")
+    isub = p.add_subparsers(dest="import_command", required=True)
+    q = isub.add_parser("nnunet", help="an nnU-Net v2 results folder (<trainer>__<plans>__3d_fullres) -> a served model")
+    q.add_argument("results", type=Path, help="the results folder: plans.json, dataset.json, fold_*/checkpoint_*.pth")
+    q.add_argument("--name", required=True, help="the served model's name (lower-case letters, digits, underscores)")
+    q.add_argument("--fold", nargs="+", default=None, help="folds to use, averaged (default: every fold_N folder)")
+    q.add_argument("--checkpoint", default="checkpoint_final.pth", help="checkpoint file name in each fold folder")
+    q.add_argument("--no-mirroring", action="store_true",
+                   help="no test-time mirroring (8x faster on the CPU; nnU-Net's predictor mirrors by default)")
+    q.add_argument("--step", type=float, default=0.5, help="sliding-window tile step as a fraction of the patch")
+    q.add_argument("--label-codes", type=Path, default=None,
+                   help="JSON of DICOM codes (and display names, colours) per label name, for the SEG")
+    q.add_argument("--orientation", default="LPS",
+                   help="how the training images were stored (x, y, z axis directions): LPS (DICOM converted by "
+                        "SimpleITK, medseg's grid; the default) or RAS (nibabel's canonical, TotalSegmentator's)")
+    q.add_argument("--model-repository", type=Path, default=MODEL_REPOSITORY,
+                   help="where the model goes (default: this checkout's repository)")
+    q.set_defaults(func=cmd_import)
 
     p = sub.add_parser("mig", help="MIG multi-tenant serving: plan a GPU's layout, write its compose file")
     msub = p.add_subparsers(dest="mig_command", required=True)

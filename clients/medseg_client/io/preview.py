@@ -15,7 +15,7 @@ from typing import Any
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
-from medseg_client.spec import SPEC
+from medseg_client.spec import SPEC, Label
 
 DISPLAY_WINDOW = (-160.0, 240.0)  # soft-tissue display window (HU), for pictures only
 PANEL = 384
@@ -27,9 +27,9 @@ def _gray(ct2d: np.ndarray) -> np.ndarray:
     return (np.clip((ct2d.astype(np.float32) - lo) / (hi - lo), 0, 1) * 255).astype(np.uint8)
 
 
-def _overlay(ct2d: np.ndarray, lab2d: np.ndarray) -> np.ndarray:
+def _overlay(ct2d: np.ndarray, lab2d: np.ndarray, classes: Sequence[Label]) -> np.ndarray:
     rgb = np.repeat(_gray(ct2d)[..., None], 3, axis=2).astype(np.float32)
-    for label in SPEC.labels[1:]:
+    for label in classes[1:]:
         m = lab2d == label.value
         rgb[m] = (1 - ALPHA) * rgb[m] + ALPHA * np.asarray(label.color, np.float32)
     return rgb.astype(np.uint8)
@@ -62,7 +62,8 @@ def _mark(tumor: dict[str, Any]) -> str:
     return f"{tumor['id']}" + ("" if conf is None else f" ({conf:.2f})")
 
 
-def render_preview(ct: np.ndarray, labels: np.ndarray, spacing: Sequence[float], findings: dict[str, Any]) -> Image.Image:
+def render_preview(ct: np.ndarray, labels: np.ndarray, spacing: Sequence[float], findings: dict[str, Any],
+                   classes: Sequence[Label] = SPEC.labels) -> Image.Image:
     """The montage for a canonical (z, y, x) study with z increasing towards the head."""
     sz, sy, sx = (float(s) for s in spacing)
     tumors = findings.get("tumors", [])[:3]
@@ -77,22 +78,25 @@ def render_preview(ct: np.ndarray, labels: np.ndarray, spacing: Sequence[float],
         marks = [(t["centroid_voxel_zyx"][1], t["centroid_voxel_zyx"][2], _mark(t))
                  for t in findings.get("tumors", []) if abs(t["centroid_voxel_zyx"][0] - z) < 0.5 + 5.0 / sz]
         title = f"axial slice {z + 1}/{ct.shape[0]}" + (f" - tumor {tumors[k]['id']}" if tumors else "")
-        panels.append(_panel(_overlay(ct[z], labels[z]), (sy, sx), title, marks))
+        panels.append(_panel(_overlay(ct[z], labels[z], classes), (sy, sx), title, marks))
     y = int(np.rint(np.argwhere(organ)[:, 1].mean())) if organ.any() else ct.shape[1] // 2
     coronal_ct, coronal_lab = ct[::-1, y, :], labels[::-1, y, :]  # head at the top
     marks = [(ct.shape[0] - 1 - t["centroid_voxel_zyx"][0], t["centroid_voxel_zyx"][2], _mark(t))
              for t in findings.get("tumors", [])]
-    panels.append(_panel(_overlay(coronal_ct, coronal_lab), (sz, sx), f"coronal row {y + 1}/{ct.shape[1]}", marks))
+    panels.append(_panel(_overlay(coronal_ct, coronal_lab, classes), (sz, sx), f"coronal row {y + 1}/{ct.shape[1]}", marks))
     legend_h = 40
     out = Image.new("RGB", (PANEL * len(panels), PANEL + 18 + legend_h), (0, 0, 0))
     for i, p in enumerate(panels):
         out.paste(p, (i * PANEL, 0))
     draw = ImageDraw.Draw(out)
     liver = findings.get("liver", {})
-    text = (f"liver {liver.get('volume_ml', 0):.0f} mL   tumors {len(findings.get('tumors', []))}   "
-            "image left = patient right")
+    if "labels" in findings:  # an imported model: each class's volume
+        text = "   ".join(f"{c['name']} {c['volume_ml']:.0f} mL" for c in findings["labels"][:4]) + "   image left = patient right"
+    else:
+        text = (f"liver {liver.get('volume_ml', 0):.0f} mL   tumors {len(findings.get('tumors', []))}   "
+                "image left = patient right")
     x = 4
-    for label in SPEC.labels[1:]:
+    for label in classes[1:]:
         draw.rectangle((x, PANEL + 22, x + 12, PANEL + 34), fill=label.color)
         draw.text((x + 16, PANEL + 22), label.display, fill=(230, 230, 230))
         x += 16 + 8 * len(label.display) + 12
@@ -105,6 +109,7 @@ def render_preview(ct: np.ndarray, labels: np.ndarray, spacing: Sequence[float],
     return out
 
 
-def write_preview(path: Path, ct: np.ndarray, labels: np.ndarray, spacing: Sequence[float], findings: dict[str, Any]) -> None:
+def write_preview(path: Path, ct: np.ndarray, labels: np.ndarray, spacing: Sequence[float], findings: dict[str, Any],
+                  classes: Sequence[Label] = SPEC.labels) -> None:
     """Render and save the montage as PNG."""
-    render_preview(ct, labels, spacing, findings).save(path, format="PNG")
+    render_preview(ct, labels, spacing, findings, classes).save(path, format="PNG")

@@ -14,8 +14,9 @@ from typing import Any
 
 import numpy as np
 
+from medseg_client.errors import ArtifactError
 from medseg_client.io.studies import repair_headers
-from medseg_client.spec import SPEC, Code
+from medseg_client.spec import SPEC, Code, Label
 
 MANUFACTURER = "medseg"
 
@@ -41,7 +42,8 @@ def source_headers(sources: Sequence[Path | Any]) -> list[Any]:
 
 
 def build_seg(source_files: Sequence[Path | Any], labels_native: np.ndarray, provenance: dict[str, Any],
-              frame_indices: list[int] | None = None) -> Any:
+              frame_indices: list[int] | None = None, classes: Sequence[Label] = SPEC.labels,
+              description: str = "medseg liver and liver tumor") -> Any:
     """A binary Segmentation of ``labels_native`` ((i, j, k) = (column, row, slice)); slice k comes from
     ``source_files[k]``, a file or its header (frame ``frame_indices[k]`` of it, for a multi-frame source)."""
     import highdicom as hd
@@ -59,7 +61,11 @@ def build_seg(source_files: Sequence[Path | Any], labels_native: np.ndarray, pro
         parameters={"weights_sha256": str(provenance.get("weights_sha256", "")),
                     "onnx_sha256": str(provenance.get("onnx_sha256", ""))},
     )
-    segments = [label for label in SPEC.labels if label.value != 0]
+    segments = [label for label in classes if label.value != 0]
+    uncoded = [label.name for label in segments if label.category is None or label.type is None]
+    if uncoded:
+        raise ArtifactError(f"no DICOM SEG: labels without DICOM codes in the model card: {', '.join(uncoded)} "
+                            "(give them with `medseg import ... --label-codes FILE`)")
     descriptions = [
         hd.seg.SegmentDescription(
             segment_number=n,
@@ -93,15 +99,16 @@ def build_seg(source_files: Sequence[Path | Any], labels_native: np.ndarray, pro
         sop_instance_uid=hd.UID(),
         instance_number=1,
         manufacturer=MANUFACTURER,
-        manufacturer_model_name=SPEC.ensemble.name,
+        manufacturer_model_name=str(provenance.get("ensemble", SPEC.ensemble.name)),
         software_versions=f"medseg {SPEC.version}",
         device_serial_number=str(provenance.get("weights_sha256", "unknown"))[:16],
-        series_description="medseg liver and liver tumor",
+        series_description=description[:64],
         omit_empty_frames=False,
     )
 
 
 def write_seg(path: Path, source_files: Sequence[Path | Any], labels_native: np.ndarray, provenance: dict[str, Any],
-              frame_indices: list[int] | None = None) -> None:
+              frame_indices: list[int] | None = None, classes: Sequence[Label] = SPEC.labels,
+              description: str = "medseg liver and liver tumor") -> None:
     """Build and save the SEG."""
-    build_seg(source_files, labels_native, provenance, frame_indices).save_as(path)
+    build_seg(source_files, labels_native, provenance, frame_indices, classes, description).save_as(path)

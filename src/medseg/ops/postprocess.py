@@ -21,7 +21,7 @@ from scipy import ndimage
 from medseg.ops.anatomy import not_a_ct, scan_regions
 from medseg.ops.lesions import Candidate, apply_verdicts, judge_candidates
 from medseg.ops.preprocess import source_coordinate, source_coordinates, target_indices
-from medseg_client.spec import LIVER, SPEC, TUMOR
+from medseg_client.spec import LIVER, SPEC, TUMOR, Label
 
 _FULL = np.ones((3, 3, 3), bool)  # 26-connectivity
 
@@ -378,3 +378,26 @@ def findings(labels: np.ndarray, grid: Sequence[int], ct: np.ndarray, spacing: S
     doc["model_grid_zyx"] = [int(g) for g in grid]
     doc["study_grid"] = {"shape_zyx": [int(n) for n in ct.shape], "spacing_zyx_mm": [float(s) for s in spacing]}
     return doc
+
+
+def label_findings(labels: np.ndarray, ct: np.ndarray, spacing: Sequence[float], classes: Sequence[Label]) -> dict[str, Any]:
+    """Findings of an imported model's labels on the study's grid: per foreground class its volume, connected
+    components (26-connected) and mean HU, measured as the model labelled them (no rules of medseg's own model)."""
+    voxel_ml = float(np.prod([float(s) for s in spacing])) / 1000.0
+    counts = np.bincount(labels.ravel(), minlength=max(lab.value for lab in classes) + 1)
+    hu_sums = np.bincount(labels.ravel(), weights=ct.ravel().astype(np.float64), minlength=counts.size)
+    out = []
+    for lab in classes:
+        if lab.value == 0:
+            continue
+        n = int(counts[lab.value])
+        components = int(ndimage.label(labels == lab.value, _FULL)[1]) if n else 0
+        out.append({"value": lab.value, "name": lab.name, "volume_ml": round(n * voxel_ml, 2), "voxels": n,
+                    "components": components, "mean_hu": round(float(hu_sums[lab.value] / n), 1) if n else None})
+    found = [str(c["name"]) for c in out if c["voxels"]]
+    return {
+        "status": {"reported": bool(found), "code": "labelled" if found else "nothing_found",
+                   "reason": f"the model labelled {', '.join(found)}" if found else "the model labelled no voxel of any class"},
+        "labels": out,
+        "study_grid": {"shape_zyx": [int(n) for n in ct.shape], "spacing_zyx_mm": [float(s) for s in spacing]},
+    }

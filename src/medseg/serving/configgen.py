@@ -19,6 +19,7 @@ from typing import Any
 
 from medseg.ops.preprocess import CPU_THREADS, GPU_THREADS
 from medseg.paths import MODEL_REPOSITORY, ONNX_FILE
+from medseg_client.card import CARD_FILE, CARD_PARAMETER, ROLES, ModelCard, spec_card
 from medseg_client.spec import SPEC, ModelIO, Tensor
 
 HEADER = "# Generated from medseg_client.spec by `python -m medseg.serving.configgen`; do not edit by hand.\n"
@@ -36,7 +37,7 @@ def _value(v: Any, indent: int) -> str:
     if isinstance(v, int | float):
         return str(v)
     if isinstance(v, str):
-        return '"' + v.replace("\\", "\\\\").replace('"', '\\"') + '"'
+        return '"' + v.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n") + '"'
     if isinstance(v, dict):
         return "{\n" + _fields(v, indent + 2) + " " * indent + "}"
     raise TypeError(f"cannot write {type(v).__name__} to pbtxt")
@@ -58,13 +59,13 @@ def _fields(d: dict[str, Any], indent: int) -> str:
     return "".join(out)
 
 
-def to_pbtxt(config: dict[str, Any]) -> str:
+def to_pbtxt(config: dict[str, Any], header: str = HEADER) -> str:
     """Text-format protobuf of a model configuration given as nested dicts and lists, checked against Triton's own
     schema (``model_config.proto`` as tritonclient ships it): a misspelled field or a wrong type raises ValueError."""
     from google.protobuf import text_format
     from tritonclient.grpc import model_config_pb2
 
-    text = HEADER + _fields(config, 0)
+    text = header + _fields(config, 0)
     try:
         text_format.Parse(text, model_config_pb2.ModelConfig())
     except text_format.ParseError as e:
@@ -93,30 +94,23 @@ def _params(**kv: str) -> list[dict[str, Any]]:
     return [{"key": k, "value": {"string_value": v}} for k, v in kv.items()]
 
 
-def ensemble_config() -> dict[str, Any]:
-    """The ensemble: preprocess -> segmenter -> postprocess, the raw CT routed to postprocess too."""
-    ct, spacing = (t.name for t in SPEC.ensemble.inputs)
-    image, grid = (t.name for t in SPEC.preprocess.outputs)
-    (logits,) = (t.name for t in SPEC.segmenter.outputs)
-
-    def step(model: ModelIO, inputs: list[str], outputs: list[str]) -> dict[str, Any]:
+def ensemble_config(ensemble: ModelIO = SPEC.ensemble, steps: tuple[ModelIO, ...] = (SPEC.preprocess, SPEC.segmenter,
+                    SPEC.postprocess), card: str | None = None) -> dict[str, Any]:
+    """An ensemble: preprocess -> segmenter -> postprocess, each step given the tensors it names (the raw CT and the
+    spacing reach postprocess too); the model's card (JSON) rides along as a parameter for clients to read."""
+    def step(model: ModelIO) -> dict[str, Any]:
         return {
             "model_name": model.name,
             "model_version": model.version,
-            "input_map": [{"key": n, "value": n} for n in inputs],
-            "output_map": [{"key": n, "value": n} for n in outputs],
+            "input_map": [{"key": t.name, "value": t.name} for t in model.inputs],
+            "output_map": [{"key": t.name, "value": t.name} for t in model.outputs],
         }
 
     return {
-        **_base(SPEC.ensemble),
+        **_base(ensemble),
         "platform": "ensemble",
-        "ensemble_scheduling": {
-            "step": [
-                step(SPEC.preprocess, [ct, spacing], [image, grid]),
-                step(SPEC.segmenter, [image], [logits]),
-                step(SPEC.postprocess, [t.name for t in SPEC.postprocess.inputs], [t.name for t in SPEC.postprocess.outputs]),
-            ]
-        },
+        "ensemble_scheduling": {"step": [step(m) for m in steps]},
+        **({"parameters": _params(**{CARD_PARAMETER: card})} if card is not None else {}),
     }
 
 
@@ -148,7 +142,7 @@ def config_dicts() -> dict[str, dict[str, Any]]:
     """Every model configuration as nested dicts, by path relative to the repository."""
     pre, seg, post = SPEC.preprocess, SPEC.segmenter, SPEC.postprocess
     return {
-        f"{SPEC.ensemble.name}/config.pbtxt": ensemble_config(),
+        f"{SPEC.ensemble.name}/config.pbtxt": ensemble_config(card=spec_card().to_json(compact=True)),
         # GPU production flavor: DALI on the GPU -> TensorRT -> postprocess on the GPU
         f"{pre.name}/config.pbtxt": {**_base(pre), "backend": "dali", **_pinned(pre), **_instances("KIND_GPU"),
                                      "parameters": _params(num_threads=str(GPU_THREADS))},
@@ -165,6 +159,62 @@ def config_dicts() -> dict[str, dict[str, Any]]:
                                            **_instances("KIND_CPU"), "parameters": _params(engine="numpy")},
         **cuda_flavor(),
     }
+
+
+CARD_HEADER = ("# Generated from {name}/card.json by `medseg import`; do not edit by hand. Imported models' steps run on\n"
+               "# the CPU in every flavor (numpy, ONNX Runtime): their GPU path is not built yet.\n")
+
+
+def card_config_dicts(card: ModelCard) -> dict[str, dict[str, Any]]:
+    """An imported model's ensemble and its python-backend steps (numpy preprocessing and postprocessing, ONNX
+    Runtime sliding window, on the CPU), by path relative to the repository: the same step configs under every
+    flavor's name, so a repository holding imported models loads in each flavor."""
+    pre, seg, post = (card.model_io(role) for role in ROLES)
+
+    def python(model: ModelIO, role: str, **params: str) -> dict[str, Any]:
+        return {**_base(model), "backend": "python", **_pinned(model), **_instances("KIND_CPU"),
+                "parameters": _params(role=role, card=card.name, **params)}
+
+    steps = {pre.name: python(pre, "preprocess", engine="numpy"),
+             seg.name: python(seg, "segmenter", engine="onnxruntime", onnx_file=card.onnx_file, intra_op_threads="0"),
+             post.name: python(post, "postprocess", engine="numpy")}
+    return {
+        f"{card.name}/config.pbtxt": ensemble_config(card.model_io("ensemble"), (pre, seg, post), card.to_json(compact=True)),
+        **{f"{name}/{flavor}": config for name, config in steps.items()
+           for flavor in ("config.pbtxt", "configs/cpu.pbtxt", "configs/cuda.pbtxt")},
+    }
+
+
+PYTHON_MODEL = '''"""{name}: a step of the imported model {card} (see its card.json). The class is the repository's one
+python-backend model (``medseg.serving.python_model``); the config's ``role`` and ``card`` pick the step."""
+
+from medseg.serving.python_model import TritonPythonModel
+
+__all__ = ["TritonPythonModel"]
+'''
+
+
+def write_card_model(card: ModelCard, repository: Path, onnx: Path) -> list[Path]:
+    """Put an imported model into ``repository``: its card, the ensemble and step configs, each step's
+    ``1/model.py``, the segmenter's ONNX file. Existing folders of the same names are replaced."""
+    import shutil
+
+    names = [card.name, *(card.model_io(role).name for role in ROLES)]
+    for name in names:
+        shutil.rmtree(repository / name, ignore_errors=True)
+        (repository / name / "1").mkdir(parents=True)
+    written = []
+    for rel, config in card_config_dicts(card).items():
+        path = repository / rel
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(to_pbtxt(config, CARD_HEADER.format(name=card.name)))
+        written.append(path)
+    (repository / card.name / CARD_FILE).write_text(card.to_json())
+    for name in names[1:]:
+        (repository / name / "1" / "model.py").write_text(PYTHON_MODEL.format(name=name, card=card.name))
+    seg_dir = repository / card.model_io("segmenter").name / "1"
+    shutil.copy2(onnx, seg_dir / card.onnx_file)
+    return [*written, repository / card.name / CARD_FILE, seg_dir / card.onnx_file]
 
 
 def configs() -> dict[Path, str]:

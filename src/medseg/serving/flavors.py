@@ -19,9 +19,10 @@ import numpy as np
 
 from medseg.model.provenance import read_provenance
 from medseg.serving.triton_glue import NUMPY, Handler, NumpyTensors, TorchTensors, instance_device, json_tensor, model_parameters
+from medseg_client.card import CARD_FILE, ROLES, ModelCard, read_card
 from medseg_client.errors import ArtifactError, ServerError
 from medseg_client.protocol import SERVER_TIMINGS_KEY
-from medseg_client.spec import SPEC
+from medseg_client.spec import SPEC, ModelIO
 from medseg_client.validate import check_study
 
 
@@ -181,3 +182,65 @@ def _torch_postprocess(args: dict[str, Any], params: dict[str, str], device: str
 def postprocess_step(args: dict[str, Any]) -> Step:
     """ct_postprocess: labels on the study's grid and the findings, stamped with the model's provenance."""
     return _engine(args, SPEC.postprocess.name, {"numpy": _numpy_postprocess, "torch": _torch_postprocess})
+
+
+# ---------------------------------------------------------------- imported models (a card per model)
+
+
+def card_step(args: dict[str, Any]) -> tuple[ModelIO, Step]:
+    """A step of an imported model: the config's ``role`` says which, ``card`` names the model whose card.json
+    (in the ensemble's folder) says how; the tensors come from the card too."""
+    params = model_parameters(args)
+    role, name = params.get("role", ""), params.get("card", "")
+    if role not in ROLES or not name:
+        raise ArtifactError(f"{args['model_name']}: parameters role (one of {', '.join(ROLES)}) and card must be set, "
+                            f"got role={role!r} card={name!r}")
+    require_numpy_1()
+    card = read_card(Path(args["model_repository"]).parent / name / CARD_FILE)
+    builders: dict[str, Builder] = {"preprocess": _card_preprocess, "segmenter": _card_segmenter,
+                                    "postprocess": _card_postprocess}
+    return card.model_io(role), builders[role]({**args, "card": card}, params, "cpu")
+
+
+def _card_preprocess(args: dict[str, Any], params: dict[str, str], device: str) -> Step:
+    from medseg.ops import nnunet
+
+    card: ModelCard = args["card"]
+
+    def run(t: dict[str, Any]) -> dict[str, Any]:
+        ct, spacing = t["CT"], t["SPACING"]
+        check_study(ct.shape, ct.dtype, spacing)
+        image, geometry = nnunet.preprocess(ct, spacing, card)
+        return {"IMAGE": image, "GEOMETRY": geometry}
+
+    return Step(run, NUMPY, "numpy", device)
+
+
+def _card_segmenter(args: dict[str, Any], params: dict[str, str], device: str) -> Step:
+    from medseg.model.inference import OnnxSegmenter
+    from medseg.ops import nnunet
+
+    card: ModelCard = args["card"]
+    version_dir = Path(args["model_repository"]) / args["model_version"]
+    network = OnnxSegmenter(version_dir / params.get("onnx_file", card.onnx_file),
+                            threads=int(params.get("intra_op_threads", "0")))
+    inf = card.inference
+    window = nnunet.Window(tuple(inf.patch), inf.step, inf.gaussian, inf.mirror_axes)  # type: ignore[arg-type]
+    return Step(lambda t: {"LOGITS": nnunet.sliding_window(t["IMAGE"], window, network.run, card.num_classes)},
+                NUMPY, "onnxruntime", device)
+
+
+def _card_postprocess(args: dict[str, Any], params: dict[str, str], device: str) -> Step:
+    from medseg.ops import nnunet
+    from medseg.ops.postprocess import label_findings
+
+    card: ModelCard = args["card"]
+    model = {"ensemble": card.name, "version": card.version, "source": card.source}
+
+    def run(t: dict[str, Any]) -> dict[str, Any]:
+        t0 = time.perf_counter()
+        labels = nnunet.labels_on_study(t["LOGITS"], t["GEOMETRY"], t["SPACING"], card)
+        doc = label_findings(labels, t["CT"], t["SPACING"], card.labels)
+        return {"LABELS": labels, "FINDINGS": json_tensor(_stamped(doc, model, t0))}
+
+    return Step(run, NUMPY, "numpy", device)

@@ -1,6 +1,7 @@
-"""The one python-backend model of the repository. Each python model's ``1/model.py`` re-exports this class; the
-model's name (Triton's ``args["model_name"]``) picks its tensors and step, its config's ``engine`` parameter the
-implementation (``flavors``: DALI, numpy or ONNX Runtime on the CPU, PyTorch on the GPU)."""
+"""The one python-backend model of the repository. Each python model's ``1/model.py`` re-exports this class. For the
+shipped liver model the model's name (Triton's ``args["model_name"]``) picks its tensors and step; an imported
+model's step is named by its config's ``role`` and ``card`` parameters (``flavors.card_step``). The ``engine``
+parameter picks the implementation (``flavors``: DALI, numpy or ONNX Runtime on the CPU, PyTorch on the GPU)."""
 
 from __future__ import annotations
 
@@ -24,12 +25,13 @@ class TritonPythonModel:
     def initialize(self, args: dict[str, Any]) -> None:
         import triton_python_backend_utils as pb_utils  # only inside Triton's python stub
 
-        name = args["model_name"]
-        if name not in STEPS:
-            raise ValueError(f"no python step for model {name!r}: expected one of {', '.join(STEPS)}")
         self.pb_utils = pb_utils
-        self.model, build = STEPS[name]
-        self.step = build(args)
+        name = args["model_name"]
+        if name in STEPS:
+            self.model, build = STEPS[name]
+            self.step = build(args)
+        else:
+            self.model, self.step = flavors.card_step(args)
 
     def execute(self, requests: list[Any]) -> list[Any]:
         return execute(requests, self.pb_utils, self.model, self.step.handler, self.step.tensors)

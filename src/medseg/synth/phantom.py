@@ -29,6 +29,9 @@ from medseg_client.spec import LIVER, TUMOR
 
 ROWS = COLS = 512
 GENERATOR_VERSION = 2
+# the organs besides the liver whose voxels a phantom records (Phantom.organs): value by name; the kidneys by the
+# patient's side
+ORGANS = {"spleen": 1, "kidney_right": 2, "kidney_left": 3}
 
 # scan ranges of each region in the body frame (mm; z = 0 at the right dome): (bottom, top) choices
 REGIONS = ("abdomen", "chest_abdomen", "abdomen_pelvis", "liver_tip", "chest", "head", "neck", "pelvis", "legs",
@@ -64,6 +67,8 @@ class Phantom:
     phase: str = "portal"
     liver_ml: float = 0.0  # liver (with its tumors) inside the scan
     liver_total_ml: float = 0.0  # the whole organ, in the scan or not
+    # other organs' labels (ORGANS' values; 0 elsewhere), for models with more classes than the shipped one's
+    organs: np.ndarray | None = None
 
     def describe(self) -> dict[str, object]:
         """A JSON-able summary: geometry, what the scan holds and the tumors (no pixel data)."""
@@ -313,6 +318,7 @@ def generate(
 
     ct = np.full(grid.shape, -1000.0, np.float32)
     labels = np.zeros(grid.shape, np.uint8)
+    organs = np.zeros(grid.shape, np.uint8)
     cavity = _render_body(seed, grid, body, dia, ct, contrast)
     _render_chest(seed, grid, body, dia, ct, cavity, contrast)
     _render_spine_and_vessels(seed, grid, body, dia, ct, cavity, contrast)
@@ -321,7 +327,7 @@ def generate(
     if region != "no_liver":
         tumors = _render_liver(seed, grid, body, dia, liver_shape, ct, labels, cavity, contrast)
         liver_ml = float((labels > 0).sum()) * float(np.prod(spacing)) / 1000.0
-    _render_viscera(seed, grid, body, dia, ct, cavity, labels, contrast)
+    _render_viscera(seed, grid, body, dia, ct, cavity, labels, contrast, organs)
     _render_pelvis_and_legs(seed, grid, body, ct, cavity)
     ct = _acquire(seed, grid, ct, cavity)
     z_shift = table_offset
@@ -331,6 +337,7 @@ def generate(
         seed=seed,
         ct=ct,
         labels=labels,
+        organs=organs,
         spacing=spacing,
         origin_mm=(float(origin[0]), float(origin[1]), float(origin[2] + z_shift)),
         tumors=tumors,
@@ -489,12 +496,13 @@ def _trunk_box(grid: _Grid, body: _Body, margin: float, z_lo: float, z_hi: float
 
 
 def _painter(grid: _Grid, ct: np.ndarray, cavity: np.ndarray, labels: np.ndarray,
-             dia: Callable[..., np.ndarray]) -> Callable[..., None]:
-    """paint(lo, hi, inside, hu, under_diaphragm=True): set ``hu`` (a number or a field) where ``inside(x, y, z)``
-    holds within the LPS box [lo, hi], the trunk's cavity and outside the liver (organs yield to it)."""
+             dia: Callable[..., np.ndarray], organs: np.ndarray | None = None) -> Callable[..., None]:
+    """paint(lo, hi, inside, hu, under_diaphragm=True, organ=0): set ``hu`` (a number or a field) where
+    ``inside(x, y, z)`` holds within the LPS box [lo, hi], the trunk's cavity and outside the liver (organs yield to
+    it); ``organs`` records ``organ`` there (0: what is painted is no organ of ORGANS, or no longer)."""
 
     def paint(lo3, hi3, inside: Callable[..., np.ndarray], hu: float | Callable[..., np.ndarray],  # type: ignore[no-untyped-def]
-              under_diaphragm: bool = True) -> None:
+              under_diaphragm: bool = True, organ: int = 0) -> None:
         sl = grid.box(np.asarray(lo3, float), np.asarray(hi3, float))
         if sl is None:
             return
@@ -504,6 +512,8 @@ def _painter(grid: _Grid, ct: np.ndarray, cavity: np.ndarray, labels: np.ndarray
             m = m & (z <= dia(x, y) - 4)
         reg = ct[sl]
         reg[m] = hu if not callable(hu) else np.broadcast_to(hu(x, y, z), reg.shape)[m]
+        if organs is not None:
+            organs[sl][m] = organ
 
     return paint
 
@@ -546,7 +556,7 @@ def _render_spine_and_vessels(seed: int, grid: _Grid, body: _Body, dia: Callable
 
 
 def _render_viscera(seed: int, grid: _Grid, body: _Body, dia: Callable[..., np.ndarray], ct: np.ndarray,
-                    cavity: np.ndarray, labels: np.ndarray, contrast: _Contrast) -> None:
+                    cavity: np.ndarray, labels: np.ndarray, contrast: _Contrast, organs: np.ndarray | None = None) -> None:
     """Bowel, kidneys, spleen, stomach and pancreas below the diaphragm; each yields to the liver."""
     rng = _rng(seed, "viscera")
     box = _trunk_box(grid, body, 1.2, -480.0, 40.0)
@@ -560,22 +570,26 @@ def _render_viscera(seed: int, grid: _Grid, body: _Body, dia: Callable[..., np.n
         if rng.random() < 0.25:  # positive oral contrast in some bowel loops
             region[loops & (bowel > 0.7)] = float(rng.uniform(150, 350))
         region[free & (bowel > 1.05)] = -900  # gas
-    paint = _painter(grid, ct, cavity, labels, dia)
+    paint = _painter(grid, ct, cavity, labels, dia, organs)
     aorta_y = body.spine_y - body.vr - 14
     kidney_z = -float(rng.uniform(95, 130))
     for side in (-1, 1):
         c = (side * float(rng.uniform(55, 75)) * body.a / 150, body.spine_y - 5, kidney_z + side * float(rng.uniform(0, 20)))
         r = tuple(float(v) * body.size for v in (rng.uniform(25, 32), rng.uniform(20, 27), rng.uniform(45, 60)))
         cortex, medulla = contrast.kidney, contrast.kidney - (60 if contrast.phase == "arterial" else 15)
-        paint(np.subtract(c, r), np.add(c, r), lambda x, y, z, c=c, r=r: _ellipsoid(x, y, z, c, r) < 1, cortex)
+        kidney = ORGANS["kidney_right" if side < 0 else "kidney_left"]  # LPS: x < 0 is the patient's right
+        paint(np.subtract(c, r), np.add(c, r), lambda x, y, z, c=c, r=r: _ellipsoid(x, y, z, c, r) < 1, cortex,
+              organ=kidney)
         ri = (r[0] - 7, r[1] - 7, r[2] - 7)
-        paint(np.subtract(c, ri), np.add(c, ri), lambda x, y, z, c=c, ri=ri: _ellipsoid(x, y, z, c, ri) < 1, medulla)
+        paint(np.subtract(c, ri), np.add(c, ri), lambda x, y, z, c=c, ri=ri: _ellipsoid(x, y, z, c, ri) < 1, medulla,
+              organ=kidney)
     # spleen: under the left dome, posterior-lateral, liver-like density
     spleen_c = (0.6 * body.a, body.y0 + 0.3 * body.b, -float(rng.uniform(35, 70)))
     spleen_r = tuple(float(v) * body.size for v in (rng.uniform(22, 35), rng.uniform(40, 58), rng.uniform(40, 60)))
     spleen_w = _wobble(rng, 5, 0.15, (40, 90))
     paint(np.subtract(spleen_c, spleen_r) - 10, np.add(spleen_c, spleen_r) + 10,
-          lambda x, y, z: _ellipsoid(x, y, z, spleen_c, spleen_r) < 1 + spleen_w(x, y, z), contrast.spleen)
+          lambda x, y, z: _ellipsoid(x, y, z, spleen_c, spleen_r) < 1 + spleen_w(x, y, z), contrast.spleen,
+          organ=ORGANS["spleen"])
     # stomach: left upper quadrant, enhancing wall, fluid (or oral contrast), an air cap anteriorly (supine)
     st_c = (0.28 * body.a, body.y0 - 0.25 * body.b, -float(rng.uniform(30, 60)))
     st_r = tuple(float(v) * body.size for v in (rng.uniform(35, 55), rng.uniform(30, 45), rng.uniform(45, 65)))

@@ -1,0 +1,165 @@
+"""Imported models served beside the shipped one, with the labels their own predictors give (server tier).
+
+One repository holds the liver model and the nnU-Net v2 fixture (tests/fixtures/nnunet, made by nnU-Net's own
+planner and trainer) imported twice: ``phantom_nnunet`` as nnU-Net predicts by default (test-time mirroring on),
+with DICOM codes for its labels and its input in RAS (as the real NIfTI file stores it, so nnU-Net's predictor
+reading the file sees the same voxels), and ``phantom_nnunet_fast`` without mirroring or codes, in LPS (as the
+phantom files store them). `medseg serve` serves
+all three; the user's commands (`medseg models`, `medseg segment --model`) run against it, and the labels are
+compared with ``nnUNetPredictor`` on the same folder and the same file (the oracle runs here, in the test).
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+
+from export.nnunet_fixture import LABEL_CODES, LABEL_CODES_FILE, LABELS, RESULTS_FOLDER
+from medseg.importers.nnunet import import_nnunet
+from medseg.paths import MODEL_REPOSITORY
+from medseg.synth.phantom import generate
+from medseg_client.io.studies import read_study, write_phantom
+from tests import realct
+from tests.helpers import UNSEEN_SEEDS, ServeProcess, dciodvfy_errors, needs_dciodvfy
+
+pytestmark = pytest.mark.server
+
+ADMIN_KEY = "imported-models-test-key"
+PARITY_DICE = 0.99  # per label, served vs the model's own predictor (issue 14)
+CODED, FAST = "phantom_nnunet", "phantom_nnunet_fast"
+@pytest.fixture(scope="module")
+def served(tmp_path_factory: pytest.TempPathFactory) -> Any:
+    repo = tmp_path_factory.mktemp("repository") / "models"
+    shutil.copytree(MODEL_REPOSITORY, repo, ignore=shutil.ignore_patterns("__pycache__"))
+    import_nnunet(RESULTS_FOLDER, CODED, repo, label_codes=LABEL_CODES_FILE, orientation="RAS", log=lambda _: None)
+    import_nnunet(RESULTS_FOLDER, FAST, repo, mirroring=False, log=lambda _: None)
+    with ServeProcess("--model-repository", str(repo), env={"MEDSEG_ADMIN_KEY": ADMIN_KEY}) as serve:
+        serve.wait_for_line("ready in", timeout_s=300)
+        yield serve
+
+
+@functools.cache
+def predictor(mirroring: bool) -> Any:
+    """nnU-Net's own predictor on the fixture's results folder, on the CPU."""
+    import torch
+    from nnunetv2.inference.predict_from_raw_data import nnUNetPredictor
+
+    p = nnUNetPredictor(tile_step_size=0.5, use_gaussian=True, use_mirroring=mirroring,
+                        perform_everything_on_device=False, device=torch.device("cpu"), allow_tqdm=False)
+    p.initialize_from_trained_model_folder(str(RESULTS_FOLDER), use_folds=("0",), checkpoint_name="checkpoint_final.pth")
+    return p
+
+
+def oracle_nifti(path: Path, mirroring: bool) -> np.ndarray:
+    """nnU-Net's labels of a NIfTI file as its predictor reads it (SimpleITK: the file's voxels, (z, y, x))."""
+    from nnunetv2.imageio.simpleitk_reader_writer import SimpleITKIO
+
+    image, props = SimpleITKIO().read_images([str(path)])
+    return np.asarray(predictor(mirroring).predict_single_npy_array(image, props, None, None, False))
+
+
+def segment(url: str, model: str, source: Path, out: Path) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "medseg_client.cli", "segment", "--url", url, "--model", model,
+                           str(source), "--out", str(out)], capture_output=True, text=True, timeout=600)
+
+
+def served_labels(out: Path) -> np.ndarray:
+    """labels.nii.gz in the file's voxel order, as (z, y, x) like SimpleITK reads it."""
+    import nibabel as nib
+
+    return np.asarray(nib.load(str(out / "labels.nii.gz")).dataobj).transpose(2, 1, 0)
+
+
+def dice(a: np.ndarray, b: np.ndarray) -> float:
+    return float(2 * (a & b).sum() / max(1, a.sum() + b.sum()))
+
+
+def assert_parity(ours: np.ndarray, oracle: np.ndarray, what: str, every_label: bool = True) -> dict[str, float]:
+    assert ours.shape == oracle.shape, what
+    values = sorted(v for v in LABELS.values() if v)
+    present = [v for v in values if (oracle == v).any()]
+    if every_label:
+        assert present == values, f"{what}: the oracle labels only {present} of {values}: a trivial comparison"
+    scores = {v: dice(ours == v, oracle == v) for v in present}
+    assert present and min(scores.values()) >= PARITY_DICE, f"{what}: Dice per label {scores}"
+    return {str(k): round(v, 4) for k, v in scores.items()}
+
+
+def test_the_server_lists_its_models(served: ServeProcess) -> None:
+    run = subprocess.run([sys.executable, "-m", "medseg_client.cli", "models", "--url", served.url, "--json"],
+                         capture_output=True, text=True, timeout=120, env={**_env(), "MEDSEG_ADMIN_KEY": ADMIN_KEY})
+    assert run.returncode == 0, run.stderr
+    cards = {c["name"]: c for c in json.loads(run.stdout)}
+    assert sorted(cards) == sorted(["ct_liver", CODED, FAST])
+    assert [lab["name"] for lab in cards[CODED]["labels"]] == list(LABELS)
+    assert cards[CODED]["inference"]["mirror_axes"] and not cards[FAST]["inference"]["mirror_axes"]
+    assert cards[CODED]["labels"][1]["type"]["value"] == "10200004" and cards[FAST]["labels"][1]["type"] is None
+    closed = subprocess.run([sys.executable, "-m", "medseg_client.cli", "models", "--url", served.url],
+                            capture_output=True, text=True, timeout=120, env=_env())
+    assert closed.returncode == 2 and "admin API" in closed.stderr and "Traceback" not in closed.stderr
+
+
+def _env() -> dict[str, str]:
+    import os
+
+    return {k: v for k, v in os.environ.items() if k != "MEDSEG_ADMIN_KEY"}
+
+
+@pytest.mark.parametrize("seed", UNSEEN_SEEDS)
+def test_phantoms_match_nnunets_predictor(served: ServeProcess, seed: int, tmp_path: Path) -> None:
+    """Unseen phantoms (NIfTI, 48 slices at their own spacing) through the fast import vs nnUNetPredictor
+    without mirroring: the same labels."""
+    ph = generate(seed, num_slices=48)
+    write_phantom(ph, tmp_path / "study", "nifti")
+    run = segment(served.url, FAST, tmp_path / "study" / "ct.nii.gz", tmp_path / "out")
+    assert run.returncode == 0, run.stderr
+    assert_parity(served_labels(tmp_path / "out"), oracle_nifti(tmp_path / "study" / "ct.nii.gz", False), f"seed {seed}")
+
+
+def test_real_ct_matches_nnunets_predictor_with_mirroring(served: ServeProcess, tmp_path: Path) -> None:
+    """TotalSegmentator's real 3 mm abdomen CT through the import as nnU-Net runs it by default (mirroring on)."""
+    source = realct.path(realct.CT)
+    run = segment(served.url, CODED, source, tmp_path / "out")
+    assert run.returncode == 0, run.stderr
+    assert_parity(served_labels(tmp_path / "out"), oracle_nifti(source, True), "real CT")
+
+
+@needs_dciodvfy
+def test_a_dicom_series_gets_a_valid_seg_only_with_codes(served: ServeProcess, tmp_path: Path) -> None:
+    """The real anonymized DICOM series: the coded import writes a SEG dciodvfy accepts, with the labels nnU-Net's
+    predictor gives for the same voxels; the uncoded one says why it writes none, and still writes the rest."""
+    import pydicom
+
+    source = realct.path(realct.DICOM_SERIES)
+    run = segment(served.url, CODED, source, tmp_path / "coded")
+    assert run.returncode in (0, 1), run.stderr
+    assert dciodvfy_errors(tmp_path / "coded" / "seg.dcm") == []
+    seg = pydicom.dcmread(tmp_path / "coded" / "seg.dcm")
+    assert [s.SegmentLabel for s in seg.SegmentSequence] == [c["display"] for c in LABEL_CODES.values()]
+    study = read_study(source)  # the canonical LPS grid, turned to RAS (x and y flipped) as the model takes it
+    ras = np.ascontiguousarray(np.flip(study.ct, (1, 2)))[None].astype(np.float32)
+    oracle = np.flip(predictor(True).predict_single_npy_array(ras, {"spacing": list(study.spacing)}, None, None, False),
+                     (1, 2))
+    assert_parity(served_labels(tmp_path / "coded"), study.to_native(oracle).transpose(2, 1, 0), "real DICOM series",
+                  every_label=False)
+    run = segment(served.url, FAST, source, tmp_path / "uncoded")
+    assert run.returncode in (0, 1), run.stderr
+    assert "no seg.dcm" in run.stdout and ", ".join(name for name in LABELS if name != "background") in run.stdout
+    assert sorted(p.name for p in (tmp_path / "uncoded").iterdir()) == ["findings.json", "labels.nii.gz", "preview.png"]
+
+
+def test_the_shipped_model_still_serves_beside_them(served: ServeProcess, tmp_path: Path) -> None:
+    ph = generate(UNSEEN_SEEDS[0], num_slices=48)
+    write_phantom(ph, tmp_path / "study", "nifti")
+    run = segment(served.url, "ct_liver", tmp_path / "study" / "ct.nii.gz", tmp_path / "out")
+    assert run.returncode == 0, run.stderr
+    labels = served_labels(tmp_path / "out")
+    assert dice(labels > 0, ph.labels > 0) > 0.8
