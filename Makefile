@@ -5,7 +5,7 @@ STAMP := .venv/.installed-stamp
 ONNX := model_repository/ct_segmenter/1/model.onnx
 WEIGHTS := export/weights/ct_liver_unet.fp16.pt export/weights/manifest.json
 
-.PHONY: venv sysdeps perf-tools realct artifacts configs demo test test-unit test-server test-slow soak lint bench bench-full accuracy weights nnunet-fixture clean
+.PHONY: venv sysdeps perf-tools realct artifacts configs demo test test-unit test-server test-slow soak lint bench bench-full accuracy weights nnunet-fixture monai-bundle-fixture clean
 
 # Debian tools the tests use as oracles: dciodvfy validates every DICOM object we write,
 # dcmtk's dcmcjpeg makes JPEG-lossless series (no Python encoder exists), dcm2niix is the geometry oracle
@@ -118,6 +118,11 @@ weights: $(STAMP)
 # planned, preprocessed and trained by nnU-Net's own code with shrunk plans (about 20 min on 2 CPU cores)
 nnunet-fixture: $(STAMP)
 	OMP_NUM_THREADS=2 $(PY) -m export.nnunet_fixture
+
+# the MONAI bundle the importer's tests and bench use (committed under tests/fixtures/monai_bundle): phantoms through
+# the bundle's own preprocessing, its MONAI UNet trained here (about 15 min on 2 CPU cores)
+monai-bundle-fixture: $(STAMP)
+	OMP_NUM_THREADS=2 $(PY) -m export.monai_bundle_fixture
 
 clean:
 	rm -rf demo_out .cache .pytest_cache .mypy_cache .ruff_cache .triton_backends .perf_tools medseg.egg-info

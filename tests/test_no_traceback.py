@@ -109,6 +109,7 @@ def test_usage_errors_of_every_command_are_one_line(cli: Any, tmp_path: Path) ->
              ["mig", "compose", str(TENANTS)], ["serve", "--grpc-port", "abc"], ["serve", "--flavor", "tpu"],
              ["serve", "--bogus"], ["demo", "--seed", "x"], ["evaluate"], ["import"], ["import", "monai"],
              ["import", "nnunet"], ["import", "nnunet", "x"], ["import", "nnunet", "x", "--name", "n", "--step", "half"],
+             ["import", "monai-bundle"], ["import", "monai-bundle", "x"],
              ["models", "--timeout", "soon"], ["models", "extra"]]
     runs = [cli(*argv) for argv in cases]
     assert_clean(runs)
@@ -191,8 +192,9 @@ def test_serve_refuses_bad_arguments_and_files_in_one_line_before_starting(cli: 
 
 
 def test_import_and_models_refuse_in_one_line(cli: Any, tmp_path: Path) -> None:
-    """`medseg import nnunet` on folders that are no results folder, a bad step or repository; `medseg models` on a
-    server that is not there."""
+    """`medseg import nnunet` on folders that are no results folder, a bad step or repository; `medseg import
+    monai-bundle` on folders that are no bundle or whose configs are broken; `medseg models` on a server that is not
+    there."""
     (tmp_path / "file").write_text("x")
     (tmp_path / "empty").mkdir()
     (tmp_path / "bad").mkdir()
@@ -202,6 +204,13 @@ def test_import_and_models_refuse_in_one_line(cli: Any, tmp_path: Path) -> None:
              ["nnunet", str(tmp_path / "empty"), "--name", "m"], ["nnunet", str(tmp_path / "bad"), "--name", "m"],
              ["nnunet", str(tmp_path / "empty"), "--name", "m", "--step", "0"],
              ["nnunet", str(tmp_path / "empty"), "--name", "m", "--model-repository", str(tmp_path / "file")]]
+    for name, meta, inference in (("b1", "{not json", "{}"), ("b2", "{}", "{not json"), ("b3", "{}", "{}"),
+                                  ("b4", "{}", '{"preprocessing": "$undefined_name + 1"}')):
+        (tmp_path / name / "configs").mkdir(parents=True)
+        (tmp_path / name / "configs" / "metadata.json").write_text(meta)
+        (tmp_path / name / "configs" / "inference.json").write_text(inference)
+        cases.append(["monai-bundle", str(tmp_path / name), "--name", "m"])
+    cases += [["monai-bundle", str(tmp_path / p), "--name", "m"] for p in ("none", "file", "empty")]
     runs = [cli("import", *argv) for argv in cases]
     runs.append(cli("models", "-u", UNREACHABLE, "--timeout", "2"))
     assert_clean(runs)

@@ -2,9 +2,10 @@
 
 A card holds the model's labels (values, names, colours, DICOM codes), how a study becomes the network's input
 (transpose, crop, intensity normalisation, spacing, resampling orders), how the network is run (sliding window:
-patch, step, Gaussian weighting, mirroring), where it came from and its version. The importers write it
-(``medseg import nnunet``), config generation and the served steps read it, and the server hands it to clients in
-the ensemble's configuration (parameter ``medseg_card``), so ``medseg segment --model NAME`` codes a SEG without a local copy.
+patch, step, Gaussian weighting, mirroring), whose semantics these follow (nnU-Net's or MONAI's), where it came
+from and its version. The importers write it (``medseg import nnunet``, ``medseg import monai-bundle``), config
+generation and the served steps read it, and the server hands it to clients in the ensemble's configuration
+(parameter ``medseg_card``), so ``medseg segment --model NAME`` codes a SEG without a local copy.
 Axes are (z, y, x) of the canonical grid; spacings in mm.
 """
 
@@ -27,23 +28,29 @@ ROLES = ("preprocess", "segmenter", "postprocess")  # the python-backend steps o
 @dataclass(frozen=True)
 class Normalization:
     """Intensity normalisation: ``ct`` clips to [lower, upper] then standardises by mean and std (nnU-Net's
-    CTNormalization); ``window`` clips to [lower, upper] and scales to 0..1."""
+    CTNormalization); ``window`` clips to [lower, upper] and scales to 0..1; ``scale_range`` maps [lower, upper]
+    linearly onto [out_lower, out_upper], clipped there if ``clip`` (MONAI's ScaleIntensityRange); ``zscore``
+    subtracts mean and divides by std (MONAI's NormalizeIntensity with fixed values)."""
 
     kind: str
     lower: float
     upper: float
     mean: float = 0.0
     std: float = 1.0
+    out_lower: float = 0.0
+    out_upper: float = 1.0
+    clip: bool = True
 
 
 @dataclass(frozen=True)
 class Resampling:
     """Spline orders onto the model grid (data) and back (logits); ``order_z`` along a separately resampled coarse
-    axis (anisotropic studies)."""
+    axis (anisotropic studies); ``softmax``: probabilities, not logits, go back (MONAI's Activations before Invertd)."""
 
     data_order: int = 3
     logits_order: int = 1
     order_z: int = 0
+    softmax: bool = False
 
 
 @dataclass(frozen=True)
@@ -78,6 +85,9 @@ class ModelCard:
     # medseg's canonical grid (DICOM's, and SimpleITK's conversions'), RAS nibabel's canonical (TotalSegmentator's)
     orientation: str = "LPS"
     source: dict[str, Any] = field(default_factory=dict)  # where it came from: kind, folder, checkpoint, sha256
+    # whose semantics the steps above follow, in whose order: nnunet (crop, normalise, resample; nnU-Net's window and
+    # resampling), monai (orient, resample, normalise; MONAI's Spacing, sliding window and Invertd), medseg (liver)
+    pipeline: str = "nnunet"
 
     @property
     def num_classes(self) -> int:
@@ -165,6 +175,7 @@ def spec_card() -> ModelCard:
         inference=Inference("whole", ()),
         in_channels=SPEC.network.in_channels,
         source={"kind": "medseg", "spec_version": SPEC.version},
+        pipeline="medseg",
     )
 
 

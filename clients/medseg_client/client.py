@@ -178,19 +178,27 @@ class SegmentationClient:
         self._checked = True
         return dict(meta)
 
+    def _card_of(self, model: str) -> ModelCard | None:
+        """The card in ``model``'s configuration, or None where it is no medseg ensemble."""
+        try:
+            reply = self._client.get_model_config(model, headers=self._headers, as_json=True,
+                                                  client_timeout=self._control_s)
+        except Exception as e:
+            _raise_from(e, f"{self.url}: configuration of {model}")
+        config = reply.get("config", {})
+        text = config.get("parameters", {}).get(CARD_PARAMETER, {}).get("string_value", "")
+        if config.get("platform") != "ensemble" or not text:
+            return None
+        return ModelCard.from_json(text, f"{model}'s card")
+
     def card(self) -> ModelCard:
         """The served model's card (labels, codes, versions, how it runs), from its ensemble's configuration."""
         if self.model_name == SPEC.ensemble.name:
             return spec_card()
-        try:
-            config = self._client.get_model_config(self.model_name, headers=self._headers, as_json=True,
-                                                   client_timeout=self._control_s)
-        except Exception as e:
-            _raise_from(e, f"{self.url}: configuration of {self.model_name}")
-        text = config.get("config", {}).get("parameters", {}).get(CARD_PARAMETER, {}).get("string_value", "")
-        if not text:
+        card = self._card_of(self.model_name)
+        if card is None:
             raise ModelMismatchError(f"{self.url}: {self.model_name} has no medseg model card (not a medseg ensemble)")
-        return ModelCard.from_json(text, f"{self.model_name}'s card")
+        return card
 
     def models(self) -> list[ModelCard]:
         """The cards of every medseg model the server has loaded (needs the model-repository protocol: the admin
@@ -205,20 +213,8 @@ class SegmentationClient:
                 raise ServerError(f"{self.url}: the model list is an admin API on this server; set MEDSEG_ADMIN_KEY "
                                   "(or name the model: medseg segment --model-name NAME)") from None
             _raise_from(e, f"{self.url}: model repository index")
-        cards = []
-        for entry in index.get("models", []):
-            if entry.get("state") != "READY":
-                continue
-            try:
-                config = self._client.get_model_config(entry["name"], headers=self._headers, as_json=True,
-                                                       client_timeout=self._control_s)
-            except Exception as e:
-                _raise_from(e, f"{self.url}: configuration of {entry['name']}")
-            config = config.get("config", {})
-            text = config.get("parameters", {}).get(CARD_PARAMETER, {}).get("string_value", "")
-            if config.get("platform") == "ensemble" and text:
-                cards.append(ModelCard.from_json(text, f"{entry['name']}'s card"))
-        return sorted(cards, key=lambda c: c.name)
+        cards = [self._card_of(entry["name"]) for entry in index.get("models", []) if entry.get("state") == "READY"]
+        return sorted((c for c in cards if c is not None), key=lambda c: c.name)
 
     def segment(self, ct: np.ndarray, spacing: tuple[float, float, float],
                 cancel: threading.Event | None = None) -> SegmentationResult:

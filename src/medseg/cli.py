@@ -102,14 +102,23 @@ def cmd_serve(args: argparse.Namespace) -> int:
     return code
 
 
-def cmd_import(args: argparse.Namespace) -> int:
-    from medseg.importers.nnunet import import_nnunet
+LABEL_CODES_HELP = "JSON of DICOM codes (and display names, colours) per label name, for the SEG"
+IMPORT_REPOSITORY_HELP = "where the model goes (default: this checkout's repository)"
 
-    if not 0 < args.step <= 1:
-        raise MedsegError(f"--step must be in (0, 1], got {args.step}")
-    card = import_nnunet(args.results, args.name, args.model_repository, folds=args.fold, checkpoint=args.checkpoint,
-                         mirroring=not args.no_mirroring, step=args.step, label_codes=args.label_codes,
-                         orientation=args.orientation)
+
+def cmd_import(args: argparse.Namespace) -> int:
+    if args.import_command == "monai-bundle":
+        from medseg.importers.monai_bundle import import_monai_bundle
+
+        card = import_monai_bundle(args.bundle, args.name, args.model_repository, label_codes=args.label_codes)
+    else:
+        from medseg.importers.nnunet import import_nnunet
+
+        if not 0 < args.step <= 1:
+            raise MedsegError(f"--step must be in (0, 1], got {args.step}")
+        card = import_nnunet(args.results, args.name, args.model_repository, folds=args.fold,
+                             checkpoint=args.checkpoint, mirroring=not args.no_mirroring, step=args.step,
+                             label_codes=args.label_codes, orientation=args.orientation)
     uncoded = card.uncoded()
     if uncoded:
         print(f"note: labels without DICOM codes: {', '.join(uncoded)}; `medseg segment` writes no SEG for this model "
@@ -189,7 +198,7 @@ def add_commands(sub: Any) -> None:
                         "shipped one, see `medseg import`)")
     p.set_defaults(func=cmd_serve)
 
-    p = sub.add_parser("import", help="make a hospital's own model servable: an nnU-Net v2 results folder")
+    p = sub.add_parser("import", help="make a hospital's own model servable: an nnU-Net v2 results folder or a MONAI bundle")
     isub = p.add_subparsers(dest="import_command", required=True)
     q = isub.add_parser("nnunet", help="an nnU-Net v2 results folder (<trainer>__<plans>__3d_fullres) -> a served model")
     q.add_argument("results", type=Path, help="the results folder: plans.json, dataset.json, fold_*/checkpoint_*.pth")
@@ -199,13 +208,18 @@ def add_commands(sub: Any) -> None:
     q.add_argument("--no-mirroring", action="store_true",
                    help="no test-time mirroring (8x faster on the CPU; nnU-Net's predictor mirrors by default)")
     q.add_argument("--step", type=float, default=0.5, help="sliding-window tile step as a fraction of the patch")
-    q.add_argument("--label-codes", type=Path, default=None,
-                   help="JSON of DICOM codes (and display names, colours) per label name, for the SEG")
+    q.add_argument("--label-codes", type=Path, default=None, help=LABEL_CODES_HELP)
     q.add_argument("--orientation", default="LPS",
                    help="how the training images were stored (x, y, z axis directions): LPS (DICOM converted by "
                         "SimpleITK, medseg's grid; the default) or RAS (nibabel's canonical, TotalSegmentator's)")
-    q.add_argument("--model-repository", type=Path, default=MODEL_REPOSITORY,
-                   help="where the model goes (default: this checkout's repository)")
+    q.add_argument("--model-repository", type=Path, default=MODEL_REPOSITORY, help=IMPORT_REPOSITORY_HELP)
+    q.set_defaults(func=cmd_import)
+    q = isub.add_parser("monai-bundle", help="a MONAI bundle (configs/inference.json, configs/metadata.json, "
+                                             "models/model.pt) -> a served model")
+    q.add_argument("bundle", type=Path, help="the bundle's folder")
+    q.add_argument("--name", required=True, help="the served model's name (lower-case letters, digits, underscores)")
+    q.add_argument("--label-codes", type=Path, default=None, help=LABEL_CODES_HELP)
+    q.add_argument("--model-repository", type=Path, default=MODEL_REPOSITORY, help=IMPORT_REPOSITORY_HELP)
     q.set_defaults(func=cmd_import)
 
     p = sub.add_parser("mig", help="MIG multi-tenant serving: plan a GPU's layout, write its compose file")

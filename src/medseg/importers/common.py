@@ -1,4 +1,4 @@
-"""What every importer shares: a valid model name, DICOM codes for the card's labels."""
+"""What every importer shares: a valid model name, DICOM codes for the card's labels, the checked ONNX export."""
 
 from __future__ import annotations
 
@@ -6,12 +6,16 @@ import json
 import re
 from dataclasses import replace
 from pathlib import Path
+from typing import Any
 
 from medseg_client.card import ModelCard
 from medseg_client.errors import ArtifactError
 from medseg_client.spec import SPEC, Code, Label
 
 NAME = re.compile(r"[a-z][a-z0-9_]{0,47}")
+# distinct overlay colours for labels without their own (a card may set others)
+PALETTE = ((60, 200, 90), (235, 60, 50), (70, 130, 230), (240, 200, 40), (180, 90, 220), (40, 200, 200),
+           (240, 130, 40), (200, 80, 140), (120, 200, 60), (150, 150, 255))
 RESERVED = {SPEC.ensemble.name, SPEC.preprocess.name, SPEC.segmenter.name, SPEC.postprocess.name}
 
 
@@ -24,6 +28,13 @@ def check_name(name: str, repository: Path) -> None:
         raise ArtifactError(f"--name {name!r}: taken by the shipped liver model's models ({', '.join(sorted(RESERVED))})")
     if not repository.is_dir():
         raise ArtifactError(f"--model-repository {repository}: not a folder")
+
+
+def plain_labels(values: list[tuple[int, str]]) -> tuple[Label, ...]:
+    """Labels from (value, name) pairs, sorted, 0 first: a display name from the name, a colour from the palette,
+    no DICOM codes (``--label-codes`` adds them)."""
+    return tuple(Label(v, k, k.replace("_", " ").capitalize(), (0, 0, 0) if v == 0 else PALETTE[(v - 1) % len(PALETTE)])
+                 for v, k in sorted(values))
 
 
 def with_label_codes(card: ModelCard, path: Path) -> ModelCard:
@@ -51,3 +62,34 @@ def with_label_codes(card: ModelCard, path: Path) -> ModelCard:
         labels.append(Label(lab.value, lab.name, str(g.get("display", lab.display)), (color[0], color[1], color[2]),
                             codes["category"], codes["type"], codes["region"]))
     return replace(card, labels=tuple(labels))
+
+
+def export_checked_onnx(model: Any, card: ModelCard, out: Path, what: str, opset: int = 17) -> float:
+    """ONNX of ``model`` (a torch module: a batch of tiles -> their logits; the batch dynamic), run by ONNX Runtime
+    on two random tiles and checked against PyTorch; the largest difference. Nothing is left behind on failure."""
+    import warnings
+
+    import numpy as np
+    import onnxruntime as ort
+    import torch
+
+    x = torch.randn(2, card.in_channels, *card.inference.patch, generator=torch.Generator().manual_seed(0))
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with torch.inference_mode(), warnings.catch_warnings():
+        # the TorchScript exporter's deprecation notes, and instance norm exported with its per-sample statistics
+        # (what the frameworks' instance norms compute at inference too)
+        warnings.simplefilter("ignore")
+        ref = model(x).numpy()
+        if ref.shape != (2, card.num_classes, *card.inference.patch):
+            raise ArtifactError(f"{what}: the network gives {tuple(ref.shape)} for a batch of 2 tiles "
+                                f"{card.inference.patch}, expected {(2, card.num_classes, *card.inference.patch)} "
+                                f"({card.num_classes} labels)")
+        torch.onnx.export(model, (x,), str(out), input_names=["IMAGE"], output_names=["LOGITS"], opset_version=opset,
+                          dynamic_axes={"IMAGE": {0: "batch"}, "LOGITS": {0: "batch"}}, dynamo=False)
+    got = ort.InferenceSession(str(out), providers=["CPUExecutionProvider"]).run(None, {"IMAGE": x.numpy()})[0]
+    diff = float(np.abs(got - ref).max())
+    scale = float(np.abs(ref).max())
+    if not diff <= 1e-3 * max(scale, 1.0):
+        out.unlink()
+        raise ArtifactError(f"ONNX export of {what} differs from PyTorch by {diff:.3g} (outputs up to {scale:.3g})")
+    return diff

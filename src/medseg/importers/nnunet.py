@@ -12,22 +12,17 @@ from __future__ import annotations
 
 import hashlib
 import json
-import warnings
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-
+from medseg.importers.common import plain_labels
 from medseg_client.card import Inference, ModelCard, Normalization, Resampling
 from medseg_client.errors import ArtifactError
 from medseg_client.spec import Label
 
 CONFIGURATION = "3d_fullres"
 RESAMPLING_FN = "resample_data_or_seg_to_shape"
-# distinct overlay colours for labels without their own (a card may set others)
-PALETTE = ((60, 200, 90), (235, 60, 50), (70, 130, 230), (240, 200, 40), (180, 90, 220), (40, 200, 200),
-           (240, 130, 40), (200, 80, 140), (120, 200, 60), (150, 150, 255))
 
 
 def _json(path: Path) -> dict[str, Any]:
@@ -56,8 +51,7 @@ def _labels(dataset: dict[str, Any]) -> tuple[Label, ...]:
     values = sorted((int(v), k) for k, v in raw.items())
     if not values or values[0][0] != 0 or [v for v, _ in values] != list(range(len(values))):
         raise ArtifactError(f"dataset.json: labels must be 0 (background), 1, 2, ... without gaps; got {raw}")
-    return tuple(Label(v, k, k.replace("_", " ").capitalize(), (0, 0, 0) if v == 0 else PALETTE[(v - 1) % len(PALETTE)])
-                 for v, k in values)
+    return plain_labels(values)
 
 
 def read_card(results: Path, name: str, mirror_axes: tuple[int, ...], step: float, checkpoints: list[Path]) -> ModelCard:
@@ -154,25 +148,9 @@ def export_onnx(results: Path, checkpoints: list[Path], card: ModelCard, out: Pa
         def forward(self, x: torch.Tensor) -> torch.Tensor:
             return torch.stack([f(x) for f in self.folds]).mean(0) if len(self.folds) > 1 else self.folds[0](x)
 
-    model = FoldMean().eval()
-    x = torch.randn(2, card.in_channels, *card.inference.patch, generator=torch.Generator().manual_seed(0))
-    out.parent.mkdir(parents=True, exist_ok=True)
-    with torch.inference_mode(), warnings.catch_warnings():
-        # the TorchScript exporter's deprecation notes, and instance norm exported with its per-sample statistics
-        # (what nnU-Net's InstanceNorm3d computes at inference too)
-        warnings.simplefilter("ignore")
-        ref = model(x).numpy()
-        torch.onnx.export(model, (x,), str(out), input_names=["IMAGE"], output_names=["LOGITS"], opset_version=opset,
-                          dynamic_axes={"IMAGE": {0: "batch"}, "LOGITS": {0: "batch"}}, dynamo=False)
-    import onnxruntime as ort
+    from medseg.importers.common import export_checked_onnx
 
-    got = ort.InferenceSession(str(out), providers=["CPUExecutionProvider"]).run(None, {"IMAGE": x.numpy()})[0]
-    diff = float(np.abs(got - ref).max())
-    scale = float(np.abs(ref).max())
-    if not diff <= 1e-3 * max(scale, 1.0):
-        out.unlink()
-        raise ArtifactError(f"ONNX export of {results.name} differs from PyTorch by {diff:.3g} (logits up to {scale:.3g})")
-    return diff
+    return export_checked_onnx(FoldMean().eval(), card, out, results.name, opset)
 
 
 def import_nnunet(results: Path, name: str, repository: Path, folds: list[str] | None = None,

@@ -172,6 +172,13 @@ def sliding_window(image: np.ndarray, window: Window, predict: Callable[[np.ndar
 # ------------------------------------------------------------------------------------------------ a study through a card
 
 
+def logits(image: np.ndarray, card: ModelCard, predict: Callable[[np.ndarray], np.ndarray]) -> np.ndarray:
+    """The card's sliding window over a preprocessed image (``predict``: a batch of tiles -> their logits)."""
+    inf = card.inference
+    window = Window(tuple(inf.patch), inf.step, inf.gaussian, inf.mirror_axes)  # type: ignore[arg-type]
+    return sliding_window(image, window, predict, card.num_classes)
+
+
 def preprocess(ct: np.ndarray, spacing: Sequence[float], card: ModelCard) -> tuple[np.ndarray, np.ndarray]:
     """A canonical (z, y, x) LPS study at ``spacing`` -> the network's input (C, *grid), flipped to the card's
     orientation, and the geometry the way back needs: int64 [shape before cropping (3), crop box lo (3), crop box

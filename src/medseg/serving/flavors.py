@@ -197,50 +197,53 @@ def card_step(args: dict[str, Any]) -> tuple[ModelIO, Step]:
                             f"got role={role!r} card={name!r}")
     require_numpy_1()
     card = read_card(Path(args["model_repository"]).parent / name / CARD_FILE)
-    builders: dict[str, Builder] = {"preprocess": _card_preprocess, "segmenter": _card_segmenter,
-                                    "postprocess": _card_postprocess}
-    return card.model_io(role), builders[role]({**args, "card": card}, params, "cpu")
+    builders = {"preprocess": _card_preprocess, "segmenter": _card_segmenter, "postprocess": _card_postprocess}
+    return card.model_io(role), builders[role](card, args, params)
 
 
-def _card_preprocess(args: dict[str, Any], params: dict[str, str], device: str) -> Step:
-    from medseg.ops import nnunet
+def card_ops(card: ModelCard) -> Any:
+    """The module restating the card's pipeline (nnU-Net's or MONAI's): ``preprocess``, ``logits``,
+    ``labels_on_study``."""
+    from medseg.ops import monai, nnunet
 
-    card: ModelCard = args["card"]
+    pipelines = {"nnunet": nnunet, "monai": monai}
+    if card.pipeline not in pipelines:
+        raise ArtifactError(f"{card.name}: card pipeline must be one of {', '.join(pipelines)}, got {card.pipeline!r}")
+    return pipelines[card.pipeline]
+
+
+def _card_preprocess(card: ModelCard, args: dict[str, Any], params: dict[str, str]) -> Step:
+    ops = card_ops(card)
 
     def run(t: dict[str, Any]) -> dict[str, Any]:
         ct, spacing = t["CT"], t["SPACING"]
         check_study(ct.shape, ct.dtype, spacing)
-        image, geometry = nnunet.preprocess(ct, spacing, card)
+        image, geometry = ops.preprocess(ct, spacing, card)
         return {"IMAGE": image, "GEOMETRY": geometry}
 
-    return Step(run, NUMPY, "numpy", device)
+    return Step(run, NUMPY, "numpy", "cpu")
 
 
-def _card_segmenter(args: dict[str, Any], params: dict[str, str], device: str) -> Step:
+def _card_segmenter(card: ModelCard, args: dict[str, Any], params: dict[str, str]) -> Step:
     from medseg.model.inference import OnnxSegmenter
-    from medseg.ops import nnunet
 
-    card: ModelCard = args["card"]
+    ops = card_ops(card)
     version_dir = Path(args["model_repository"]) / args["model_version"]
     network = OnnxSegmenter(version_dir / params.get("onnx_file", card.onnx_file),
                             threads=int(params.get("intra_op_threads", "0")))
-    inf = card.inference
-    window = nnunet.Window(tuple(inf.patch), inf.step, inf.gaussian, inf.mirror_axes)  # type: ignore[arg-type]
-    return Step(lambda t: {"LOGITS": nnunet.sliding_window(t["IMAGE"], window, network.run, card.num_classes)},
-                NUMPY, "onnxruntime", device)
+    return Step(lambda t: {"LOGITS": ops.logits(t["IMAGE"], card, network.run)}, NUMPY, "onnxruntime", "cpu")
 
 
-def _card_postprocess(args: dict[str, Any], params: dict[str, str], device: str) -> Step:
-    from medseg.ops import nnunet
+def _card_postprocess(card: ModelCard, args: dict[str, Any], params: dict[str, str]) -> Step:
     from medseg.ops.postprocess import label_findings
 
-    card: ModelCard = args["card"]
+    ops = card_ops(card)
     model = {"ensemble": card.name, "version": card.version, "source": card.source}
 
     def run(t: dict[str, Any]) -> dict[str, Any]:
         t0 = time.perf_counter()
-        labels = nnunet.labels_on_study(t["LOGITS"], t["GEOMETRY"], t["SPACING"], card)
+        labels = ops.labels_on_study(t["LOGITS"], t["GEOMETRY"], t["SPACING"], card)
         doc = label_findings(labels, t["CT"], t["SPACING"], card.labels)
         return {"LABELS": labels, "FINDINGS": json_tensor(_stamped(doc, model, t0))}
 
-    return Step(run, NUMPY, "numpy", device)
+    return Step(run, NUMPY, "numpy", "cpu")
