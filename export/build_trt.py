@@ -1,13 +1,17 @@
 """Build the TensorRT engine of the segmenter from the ONNX export, and publish it only if it is accurate.
 
     python -m export.build_trt [--precision fp16|int8] [--out model_repository/ct_segmenter/1/model.plan]
+    python -m export.build_trt --card model_repository/NAME        # an imported model's tile engine (fp16)
 
 Run it where TensorRT and a GPU are (NVIDIA's TensorRT container: `docker compose run --rm engine`):
 engines do not move between TensorRT versions or GPU models. The optimisation profile's min/opt/max
 come from the spec's model-grid bounds; FP16 always, INT8 on request with entropy calibration on
 phantom volumes; a timing cache beside the engine makes rebuilds fast. The accuracy gate compares the
 engine's labels with ONNX Runtime's on held-out phantoms and refuses to publish below Dice 0.99 (FP16)
-or 0.98 (INT8) per label, printing the figures either way.
+or 0.98 (INT8) per label, printing the figures either way. For an imported model (``--card``, the ensemble's
+folder holding card.json) the profile is its tile with batches up to what its sliding window sends, the engine goes
+beside the segmenter's ONNX as ``model.plan`` (what the GPU production config loads), and the gate compares labels
+through the card's sliding window.
 """
 
 from __future__ import annotations
@@ -24,8 +28,9 @@ import numpy as np
 
 from medseg.accuracy.metrics import AGREEMENT_DICE, dice
 from medseg.paths import ONNX_MODEL
+from medseg_client.card import CARD_FILE, ModelCard, read_card
 from medseg_client.errors import ArtifactError
-from medseg_client.spec import SPEC, padded_shape
+from medseg_client.spec import SPEC, Label, padded_shape
 
 GATE = {"fp16": AGREEMENT_DICE, "int8": 0.98}  # minimum Dice per label against ONNX Runtime
 GATE_SEEDS = (4300, 4301, 4302)  # held out: never used in training, validation or the export check
@@ -100,15 +105,16 @@ class GateResult:
         return f"accuracy gate ({self.precision}, Dice >= {self.threshold} per label vs ONNX Runtime): {figures}: {verdict}"
 
 
-def accuracy_gate(pairs: Sequence[tuple[np.ndarray, np.ndarray]], precision: str) -> GateResult:
+def accuracy_gate(pairs: Sequence[tuple[np.ndarray, np.ndarray]], precision: str,
+                  labels: Sequence[Label] = SPEC.labels) -> GateResult:
     """Judge (reference labels, engine labels) pairs: the worst Dice per label must reach the gate."""
     if precision not in GATE:
         raise ValueError(f"precision must be one of {sorted(GATE)}, got {precision!r}")
-    worst = {lab.name: 1.0 for lab in SPEC.labels[1:]}
+    worst = {lab.name: 1.0 for lab in labels[1:]}
     for ref, got in pairs:
         if ref.shape != got.shape:
             raise ValueError(f"label volumes differ in shape: {ref.shape} vs {got.shape}")
-        for lab in SPEC.labels[1:]:
+        for lab in labels[1:]:
             worst[lab.name] = min(worst[lab.name], dice(ref == lab.value, got == lab.value))
     return GateResult(precision, GATE[precision], worst)
 
@@ -154,8 +160,18 @@ class EntropyCalibrator:
         return _Calibrator()
 
 
-def build_engine(onnx_path: Path, out: Path, precision: str) -> None:
-    """Parse the ONNX model and build a serialized engine with the spec's profile into ``out``."""
+def card_profile(card: ModelCard) -> Profile:
+    """An imported model's profile: its tile, batches of 1 up to what its sliding window sends at once (the
+    mirrored copies of a tile for nnU-Net, the inferer's tile batch for MONAI)."""
+    from medseg.serving.flavors import card_ops
+
+    tile = (card.in_channels, *card.inference.patch)
+    batch = card_ops(card).tile_batch(card)
+    return Profile((1, *tile), (batch, *tile), (batch, *tile))
+
+
+def build_engine(onnx_path: Path, out: Path, precision: str, profile_shapes: Profile | None = None) -> None:
+    """Parse the ONNX model and build a serialized engine with the spec's profile (or the one given) into ``out``."""
     trt = _tensorrt()
     logger = trt.Logger(trt.Logger.WARNING)
     builder = trt.Builder(logger)
@@ -167,8 +183,8 @@ def build_engine(onnx_path: Path, out: Path, precision: str) -> None:
     config = builder.create_builder_config()
     config.set_flag(trt.BuilderFlag.FP16)
     profile = builder.create_optimization_profile()
-    p = optimization_profile()
-    (image,) = SPEC.segmenter.inputs
+    p = profile_shapes or optimization_profile()
+    (image,) = SPEC.segmenter.inputs  # "IMAGE", as every imported model's tile network names its input too
     profile.set_shape(image.name, p.min, p.opt, p.max)
     config.add_optimization_profile(profile)
     if precision == "int8":
@@ -186,28 +202,16 @@ def build_engine(onnx_path: Path, out: Path, precision: str) -> None:
 
 
 class EngineRunner:
-    """Runs a serialized engine on one padded (1, Z, Y, X) image; I/O buffers on the GPU via PyTorch."""
+    """Runs a serialized engine on one padded (1, Z, Y, X) image (the shipped model's whole-volume engine)."""
 
     def __init__(self, engine_path: Path) -> None:
-        trt = _tensorrt()
-        self._engine = trt.Runtime(trt.Logger(trt.Logger.WARNING)).deserialize_cuda_engine(engine_path.read_bytes())
-        self._context = self._engine.create_execution_context()
+        from medseg.model.inference import TensorRTTiles
+
+        _tensorrt()
+        self._tiles = TensorRTTiles(engine_path, SPEC.num_classes)
 
     def __call__(self, image: np.ndarray) -> np.ndarray:
-        import torch
-
-        (inp,) = SPEC.segmenter.inputs
-        (outp,) = SPEC.segmenter.outputs
-        x = torch.from_numpy(np.ascontiguousarray(image[None])).cuda()
-        self._context.set_input_shape(inp.name, tuple(x.shape))
-        y = torch.empty((1, SPEC.num_classes, *x.shape[2:]), dtype=torch.float32, device="cuda")
-        self._context.set_tensor_address(inp.name, int(x.data_ptr()))
-        self._context.set_tensor_address(outp.name, int(y.data_ptr()))
-        stream = torch.cuda.current_stream()
-        if not self._context.execute_async_v3(stream.cuda_stream):
-            raise ArtifactError("TensorRT execution failed")
-        stream.synchronize()
-        return y[0].cpu().numpy()
+        return self._tiles.run(image[None])[0]
 
 
 def gate_engine(engine_path: Path, onnx_path: Path, precision: str, seeds: Sequence[int] = GATE_SEEDS) -> GateResult:
@@ -226,30 +230,59 @@ def gate_engine(engine_path: Path, onnx_path: Path, precision: str, seeds: Seque
     return accuracy_gate(pairs, precision)
 
 
+def gate_card_engine(engine_path: Path, onnx_path: Path, card: ModelCard, precision: str,
+                     seeds: Sequence[int] = GATE_SEEDS) -> GateResult:
+    """An imported model's engine vs ONNX Runtime through the card's sliding window on held-out phantoms: the labels
+    on the model grid, Dice per label."""
+    from medseg.model.inference import OnnxSegmenter, TensorRTTiles
+    from medseg.serving.flavors import card_ops
+    from medseg.synth.phantom import generate
+
+    ops, ort, engine = card_ops(card), OnnxSegmenter(onnx_path), TensorRTTiles(engine_path, card.num_classes)
+    pairs = []
+    for seed in seeds:
+        ph = generate(seed, num_slices=64)
+        image, _ = ops.preprocess(ph.ct, ph.spacing, card)
+        pairs.append((ops.logits(image, card, ort.run).argmax(0), ops.logits(image, card, engine.run).argmax(0)))
+    return accuracy_gate(pairs, precision, card.labels)
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--precision", choices=sorted(GATE), default="fp16")
     ap.add_argument("--onnx", type=Path, default=ONNX_MODEL)
-    ap.add_argument("--out", type=Path, default=ONNX_MODEL.with_name("model.plan"))
+    ap.add_argument("--out", type=Path, default=None, help="the engine file (default: model.plan beside the ONNX)")
+    ap.add_argument("--card", type=Path, default=None,
+                    help="an imported model's ensemble folder (holding card.json): build its tile engine")
     args = ap.parse_args(argv)
-    staged = args.out.with_suffix(".plan.tmp")
     t0 = time.time()
+    staged = None
     try:
+        card = None
+        if args.card is not None:
+            card = read_card(args.card / CARD_FILE)
+            if args.precision != "fp16":
+                raise ArtifactError("--card engines are FP16 (INT8 calibration data exists for the shipped model only)")
+            args.onnx = args.card.parent / card.model_io("segmenter").name / "1" / card.onnx_file
+        out = args.out or args.onnx.with_name("model.plan")
+        staged = out.with_suffix(".plan.tmp")
         if not args.onnx.exists():
-            raise ArtifactError(f"{args.onnx} not found: run `make artifacts` first")
-        p = optimization_profile()
+            raise ArtifactError(f"{args.onnx} not found: run `make artifacts` (or `medseg import`) first")
+        p = card_profile(card) if card else optimization_profile()
         print(f"building {args.precision} engine: profile min {p.min} opt {p.opt} max {p.max}", flush=True)
-        build_engine(args.onnx, staged, args.precision)
-        result = gate_engine(staged, args.onnx, args.precision)
+        build_engine(args.onnx, staged, args.precision, p)
+        result = gate_card_engine(staged, args.onnx, card, args.precision) if card else \
+            gate_engine(staged, args.onnx, args.precision)
         print(result.report())
         if not result.passed:
             raise ArtifactError("the engine is not published")
-        staged.replace(args.out)
+        staged.replace(out)
     except ArtifactError as e:
-        staged.unlink(missing_ok=True)
+        if staged is not None:
+            staged.unlink(missing_ok=True)
         print(f"engine build failed: {e}", file=sys.stderr)
         return 1
-    print(f"wrote {args.out} in {time.time() - t0:.0f} s")
+    print(f"wrote {out} in {time.time() - t0:.0f} s")
     return 0
 
 

@@ -171,3 +171,26 @@ class ServeProcess:
 
     def __exit__(self, et: type[BaseException] | None, ev: BaseException | None, tb: TracebackType | None) -> None:
         self.stop()
+
+
+def card_segmenter_logits(repo: Path, name: str, flavor_file: str, seed: int) -> tuple[object, str]:
+    """An imported model's segmenter step as ``flavor_file`` (config.pbtxt, configs/cpu.pbtxt, configs/cuda.pbtxt)
+    builds it, on torch's CPU device whatever the config's instance kind, run on a small phantom preprocessed by the
+    card's pipeline: its logits and engine (the way the python backend builds it, without Triton)."""
+    import json
+
+    from medseg.serving.configgen import card_config_dicts
+    from medseg.serving.flavors import card_ops, card_step
+    from medseg.synth.phantom import generate
+    from medseg_client.card import CARD_FILE, read_card
+
+    card = read_card(repo / name / CARD_FILE)
+    seg = card.model_io("segmenter").name
+    config = card_config_dicts(card)[f"{seg}/{flavor_file}"]
+    params = {p["key"]: {"string_value": p["value"]["string_value"]} for p in config["parameters"]}
+    args = {"model_config": json.dumps({"parameters": params}), "model_repository": str(repo / seg),
+            "model_version": "1", "model_name": seg, "model_instance_kind": "CPU", "model_instance_device_id": "0"}
+    _, step = card_step(args)
+    ph = generate(seed, num_slices=32)
+    image, _ = card_ops(card).preprocess(ph.ct, ph.spacing, card)
+    return step.handler({"IMAGE": image})["LOGITS"], step.engine

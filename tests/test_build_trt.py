@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import importlib.util
+from pathlib import Path
 
 import numpy as np
 import pytest
 
-from export.build_trt import GATE, accuracy_gate, fit_to, main, optimization_profile
+from export.build_trt import GATE, accuracy_gate, card_profile, fit_to, main, optimization_profile
 from medseg_client.spec import SPEC
 
 
@@ -71,3 +72,45 @@ def test_without_tensorrt_the_build_fails_with_a_clear_message(tmp_path, capsys)
     err = capsys.readouterr().err
     assert "TensorRT is not installed here" in err and "docker compose" in err
     assert not list(tmp_path.iterdir())  # nothing half-written
+
+
+@pytest.fixture(scope="module")
+def imported(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The MONAI bundle fixture and the nnU-Net fixture (with mirroring) imported into one repository."""
+    from export.monai_bundle_fixture import BUNDLE
+    from export.nnunet_fixture import RESULTS_FOLDER
+    from medseg.importers.monai_bundle import import_monai_bundle
+    from medseg.importers.nnunet import import_nnunet
+
+    repo = tmp_path_factory.mktemp("repo")
+    import_monai_bundle(BUNDLE, "bundle", repo, log=lambda _: None)
+    import_nnunet(RESULTS_FOLDER, "nnunet", repo, log=lambda _: None)
+    return repo
+
+
+def test_an_imported_models_profile_is_its_tile_and_its_windows_batch(imported: Path) -> None:
+    from medseg_client.card import CARD_FILE, read_card
+
+    for name, batch in (("bundle", 4), ("nnunet", 8)):  # MONAI's tile batch; a tile and its 7 mirrored copies
+        card = read_card(imported / name / CARD_FILE)
+        p = card_profile(card)
+        tile = (card.in_channels, *card.inference.patch)
+        assert (p.min, p.opt, p.max) == ((1, *tile), (batch, *tile), (batch, *tile))
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(importlib.util.find_spec("tensorrt") is None,
+                    reason="TensorRT is not installable here; the engine is built in NVIDIA's TensorRT container")
+def test_an_imported_models_engine_builds_and_passes_its_gate(imported: Path) -> None:
+    assert main(["--card", str(imported / "bundle")]) == 0
+    assert (imported / "bundle_segmenter" / "1" / "model.plan").stat().st_size > 0
+
+
+def test_an_imported_models_build_refuses_clearly(imported: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    before = sorted((imported / "bundle_segmenter" / "1").iterdir())
+    assert main(["--card", str(imported / "bundle"), "--precision", "int8"]) == 1
+    assert "INT8 calibration data exists for the shipped model only" in capsys.readouterr().err
+    if importlib.util.find_spec("tensorrt") is None:
+        assert main(["--card", str(imported / "bundle")]) == 1
+        assert "TensorRT is not installed here" in capsys.readouterr().err
+    assert sorted((imported / "bundle_segmenter" / "1").iterdir()) == before  # nothing half-written

@@ -80,7 +80,8 @@ class ModelCard:
     resampling: Resampling
     inference: Inference
     in_channels: int = 1
-    onnx_file: str = "model.onnx"
+    onnx_file: str = "model.onnx"  # the network on one tile (dynamic batch): ONNX Runtime, the cpu flavor
+    torchscript_file: str = "model.ts"  # the same network traced by TorchScript: PyTorch on the GPU flavors
     # the direction each of the network's (x, y, z) array axes points to, as its training images were stored: LPS is
     # medseg's canonical grid (DICOM's, and SimpleITK's conversions'), RAS nibabel's canonical (TotalSegmentator's)
     orientation: str = "LPS"

@@ -263,12 +263,10 @@ def read_bundle(bundle: Path, name: str) -> tuple[ModelCard, Any]:
 
 def import_monai_bundle(bundle: Path, name: str, repository: Path, label_codes: Path | None = None,
                         log: Any = print) -> ModelCard:
-    """The whole import: card, ONNX (checked against PyTorch), configs and files in ``repository``."""
-    import tempfile
+    """The whole import: card, ONNX and TorchScript (checked against PyTorch), configs and files in ``repository``."""
     import warnings
 
-    from medseg.importers.common import check_name, export_checked_onnx, with_label_codes
-    from medseg.serving.configgen import write_card_model
+    from medseg.importers.common import check_name, with_label_codes, write_model
 
     check_name(name, repository)
     bundle = bundle.resolve()
@@ -284,11 +282,5 @@ def import_monai_bundle(bundle: Path, name: str, repository: Path, label_codes: 
         f"oriented {card.orientation}, spacing {card.spacing} mm, ROI {inf.patch}, overlap {1 - inf.step:g}, "
         f"{'gaussian' if inf.gaussian else 'constant'} blending, back via "
         f"{'probabilities' if card.resampling.softmax else 'labels' if card.resampling.logits_order == 0 else 'logits'}")
-    with tempfile.TemporaryDirectory(prefix="medseg-import-") as tmp:
-        onnx = Path(tmp) / card.onnx_file
-        diff = export_checked_onnx(network, card, onnx, bundle.name)
-        log(f"ONNX export checked against PyTorch: largest difference {diff:.2e}")
-        written = write_card_model(card, repository, onnx)
-    log(f"wrote {len(written)} files under {repository}: ensemble {name!r} "
-        f"({', '.join(card.model_io(r).name for r in ('preprocess', 'segmenter', 'postprocess'))})")
+    write_model(network, card, repository, bundle.name, log)
     return card

@@ -128,8 +128,8 @@ def fold_checkpoints(results: Path, folds: list[str] | None, checkpoint: str) ->
     return paths
 
 
-def export_onnx(results: Path, checkpoints: list[Path], card: ModelCard, out: Path, opset: int = 17) -> float:
-    """ONNX of the folds' mean logits on one tile (dynamic batch), checked against PyTorch; the largest difference."""
+def fold_mean(results: Path, checkpoints: list[Path], card: ModelCard) -> Any:
+    """The network whose output is the folds' mean logits on a batch of tiles, each fold's weights loaded."""
     import torch
 
     plans, dataset = _json(results / "plans.json"), _json(results / "dataset.json")
@@ -148,19 +148,14 @@ def export_onnx(results: Path, checkpoints: list[Path], card: ModelCard, out: Pa
         def forward(self, x: torch.Tensor) -> torch.Tensor:
             return torch.stack([f(x) for f in self.folds]).mean(0) if len(self.folds) > 1 else self.folds[0](x)
 
-    from medseg.importers.common import export_checked_onnx
-
-    return export_checked_onnx(FoldMean().eval(), card, out, results.name, opset)
+    return FoldMean().eval()
 
 
 def import_nnunet(results: Path, name: str, repository: Path, folds: list[str] | None = None,
                   checkpoint: str = "checkpoint_final.pth", mirroring: bool = True, step: float = 0.5,
                   label_codes: Path | None = None, orientation: str = "LPS", log: Any = print) -> ModelCard:
-    """The whole import: card, ONNX (checked against PyTorch), configs and files in ``repository``."""
-    import tempfile
-
-    from medseg.importers.common import check_name, with_label_codes
-    from medseg.serving.configgen import write_card_model
+    """The whole import: card, ONNX and TorchScript (checked against PyTorch), configs and files in ``repository``."""
+    from medseg.importers.common import check_name, with_label_codes, write_model
 
     check_name(name, repository)
     results = results.resolve()
@@ -178,11 +173,5 @@ def import_nnunet(results: Path, name: str, repository: Path, folds: list[str] |
     log(f"{results.name}: {card.num_classes - 1} labels ({', '.join(lab.name for lab in card.labels[1:])}), "
         f"spacing {card.spacing} mm, patch {card.inference.patch}, mirroring {card.inference.mirror_axes or 'off'}, "
         f"{len(checkpoints)} fold(s), input oriented {card.orientation}")
-    with tempfile.TemporaryDirectory(prefix="medseg-import-") as tmp:
-        onnx = Path(tmp) / card.onnx_file
-        diff = export_onnx(results, checkpoints, card, onnx)
-        log(f"ONNX export checked against PyTorch: largest logit difference {diff:.2e}")
-        written = write_card_model(card, repository, onnx)
-    log(f"wrote {len(written)} files under {repository}: ensemble {name!r} "
-        f"({', '.join(card.model_io(r).name for r in ('preprocess', 'segmenter', 'postprocess'))})")
+    write_model(fold_mean(results, checkpoints, card), card, repository, results.name, log)
     return card

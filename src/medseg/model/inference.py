@@ -13,6 +13,7 @@ from typing import Any
 
 import numpy as np
 
+from medseg_client.errors import ArtifactError
 from medseg_client.spec import SPEC
 
 Runner = Callable[[Any], Any]  # (1, 1, Z, Y, X) -> (1, C, Z, Y, X), numpy arrays or torch tensors
@@ -73,6 +74,61 @@ class OnnxSegmenter:
 
     def __call__(self, image: np.ndarray) -> np.ndarray:
         return run_tiled(self.run, image)
+
+
+class TorchScriptTiles:
+    """An imported model's network traced by TorchScript, on ``device``: a batch of tiles (B, C, *patch) in numpy,
+    their logits (B, K, *patch) back in numpy (float32 throughout, so the labels are the cpu flavor's)."""
+
+    def __init__(self, path: Path, device: str = "cpu") -> None:
+        import torch
+
+        self.device = torch.device(device)
+        self._model = torch.jit.load(str(path), map_location=self.device).eval()
+
+    def run(self, batch: np.ndarray) -> np.ndarray:
+        import torch
+
+        with torch.inference_mode():
+            out = self._model(torch.from_numpy(batch).to(self.device, non_blocking=True))
+        return out.float().cpu().numpy()  # type: ignore[no-any-return]
+
+
+class TensorRTTiles:
+    """A serialized TensorRT engine of a tile network (input IMAGE, output LOGITS, a dynamic batch) on a GPU: a batch
+    (B, C, *tile) in numpy, its logits (B, K, *tile) back in numpy; device buffers held by PyTorch."""
+
+    def __init__(self, path: Path, num_classes: int, device: str = "cuda:0") -> None:
+        import torch
+
+        try:
+            import tensorrt as trt
+        except ImportError:
+            raise ArtifactError(f"{path}: TensorRT is not installed here (the GPU production flavor runs in NVIDIA's "
+                                "Triton container; elsewhere serve --flavor cuda)") from None
+        if not path.is_file():
+            raise ArtifactError(f"{path}: no TensorRT engine (build it with python -m export.build_trt, see docs/gpu.md)")
+        self._engine = trt.Runtime(trt.Logger(trt.Logger.WARNING)).deserialize_cuda_engine(path.read_bytes())
+        if self._engine is None:
+            raise ArtifactError(f"{path}: TensorRT cannot load this engine (built by another TensorRT version or for "
+                                "another GPU? rebuild it here)")
+        self._context = self._engine.create_execution_context()
+        self._classes = num_classes
+        self.device = torch.device(device)
+
+    def run(self, batch: np.ndarray) -> np.ndarray:
+        import torch
+
+        x = torch.from_numpy(np.ascontiguousarray(batch, np.float32)).to(self.device)
+        y = torch.empty((x.shape[0], self._classes, *x.shape[2:]), dtype=torch.float32, device=self.device)
+        self._context.set_input_shape("IMAGE", tuple(x.shape))
+        self._context.set_tensor_address("IMAGE", int(x.data_ptr()))
+        self._context.set_tensor_address("LOGITS", int(y.data_ptr()))
+        stream = torch.cuda.current_stream(self.device)
+        if not self._context.execute_async_v3(stream.cuda_stream):
+            raise ArtifactError("TensorRT execution failed")
+        stream.synchronize()
+        return y.cpu().numpy()  # type: ignore[no-any-return]
 
 
 class TorchSegmenter:

@@ -150,6 +150,11 @@ def preprocess(ct: np.ndarray, spacing: Sequence[float], card: ModelCard) -> tup
     return image, np.array([*before, 0, 0, 0, *before], np.int64)
 
 
+def tile_batch(card: ModelCard) -> int:
+    """The most tiles the window sends the network at once."""
+    return BATCH
+
+
 def logits(image: np.ndarray, card: ModelCard, predict: Callable[[np.ndarray], np.ndarray]) -> np.ndarray:
     """The bundle's sliding-window inferer over a preprocessed image (``predict``: a batch of tiles -> outputs)."""
     inf = card.inference

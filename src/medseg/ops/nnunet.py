@@ -172,6 +172,11 @@ def sliding_window(image: np.ndarray, window: Window, predict: Callable[[np.ndar
 # ------------------------------------------------------------------------------------------------ a study through a card
 
 
+def tile_batch(card: ModelCard) -> int:
+    """The most tiles the window sends the network at once: a tile and its mirrored copies."""
+    return len(mirror_combinations(card.inference.mirror_axes))
+
+
 def logits(image: np.ndarray, card: ModelCard, predict: Callable[[np.ndarray], np.ndarray]) -> np.ndarray:
     """The card's sliding window over a preprocessed image (``predict``: a batch of tiles -> their logits)."""
     inf = card.inference

@@ -165,23 +165,32 @@ CARD_HEADER = ("# Generated from {name}/card.json by `medseg import`; do not edi
                "# the CPU in every flavor (numpy, ONNX Runtime): their GPU path is not built yet.\n")
 
 
+PLAN_FILE = "model.plan"  # an imported model's TensorRT engine, beside its ONNX in the segmenter's version folder
+
+
 def card_config_dicts(card: ModelCard) -> dict[str, dict[str, Any]]:
-    """An imported model's ensemble and its python-backend steps (numpy preprocessing and postprocessing, ONNX
-    Runtime sliding window, on the CPU), by path relative to the repository: the same step configs under every
-    flavor's name, so a repository holding imported models loads in each flavor."""
+    """An imported model's ensemble and its python-backend steps, by path relative to the repository. Preprocessing
+    and postprocessing run in numpy on the CPU in every flavor; the sliding window's network runs in ONNX Runtime on
+    the CPU (cpu flavor), as TorchScript on the GPU (cuda flavor) or as the TensorRT engine built for the card's tile
+    (GPU production: ``python -m export.build_trt --card REPOSITORY/NAME`` writes it beside the ONNX)."""
     pre, seg, post = (card.model_io(role) for role in ROLES)
 
-    def python(model: ModelIO, role: str, **params: str) -> dict[str, Any]:
-        return {**_base(model), "backend": "python", **_pinned(model), **_instances("KIND_CPU"),
+    def python(model: ModelIO, role: str, kind: str = "KIND_CPU", **params: str) -> dict[str, Any]:
+        return {**_base(model), "backend": "python", **_pinned(model), **_instances(kind),
                 "parameters": _params(role=role, card=card.name, **params)}
 
-    steps = {pre.name: python(pre, "preprocess", engine="numpy"),
-             seg.name: python(seg, "segmenter", engine="onnxruntime", onnx_file=card.onnx_file, intra_op_threads="0"),
-             post.name: python(post, "postprocess", engine="numpy")}
+    cpu_steps = {pre.name: python(pre, "preprocess", engine="numpy"),
+                 seg.name: python(seg, "segmenter", engine="onnxruntime", onnx_file=card.onnx_file,
+                                  intra_op_threads="0"),
+                 post.name: python(post, "postprocess", engine="numpy")}
+    cuda_steps = {**cpu_steps, seg.name: python(seg, "segmenter", "KIND_GPU", engine="torchscript",
+                                                torchscript_file=card.torchscript_file)}
+    production = {**cpu_steps, seg.name: python(seg, "segmenter", "KIND_GPU", engine="tensorrt", plan_file=PLAN_FILE)}
     return {
         f"{card.name}/config.pbtxt": ensemble_config(card.model_io("ensemble"), (pre, seg, post), card.to_json(compact=True)),
-        **{f"{name}/{flavor}": config for name, config in steps.items()
-           for flavor in ("config.pbtxt", "configs/cpu.pbtxt", "configs/cuda.pbtxt")},
+        **{f"{name}/configs/cpu.pbtxt": config for name, config in cpu_steps.items()},
+        **{f"{name}/configs/cuda.pbtxt": config for name, config in cuda_steps.items()},
+        **{f"{name}/config.pbtxt": config for name, config in production.items()},
     }
 
 
@@ -194,9 +203,9 @@ __all__ = ["TritonPythonModel"]
 '''
 
 
-def write_card_model(card: ModelCard, repository: Path, onnx: Path) -> list[Path]:
+def write_card_model(card: ModelCard, repository: Path, onnx: Path, torchscript: Path) -> list[Path]:
     """Put an imported model into ``repository``: its card, the ensemble and step configs, each step's
-    ``1/model.py``, the segmenter's ONNX file. Existing folders of the same names are replaced."""
+    ``1/model.py``, the segmenter's ONNX and TorchScript files. Existing folders of the same names are replaced."""
     import shutil
 
     names = [card.name, *(card.model_io(role).name for role in ROLES)]
@@ -214,7 +223,8 @@ def write_card_model(card: ModelCard, repository: Path, onnx: Path) -> list[Path
         (repository / name / "1" / "model.py").write_text(PYTHON_MODEL.format(name=name, card=card.name))
     seg_dir = repository / card.model_io("segmenter").name / "1"
     shutil.copy2(onnx, seg_dir / card.onnx_file)
-    return [*written, repository / card.name / CARD_FILE, seg_dir / card.onnx_file]
+    shutil.copy2(torchscript, seg_dir / card.torchscript_file)
+    return [*written, repository / card.name / CARD_FILE, seg_dir / card.onnx_file, seg_dir / card.torchscript_file]
 
 
 def configs() -> dict[Path, str]:

@@ -159,7 +159,7 @@ def _numpy_postprocess(args: dict[str, Any], params: dict[str, str], device: str
         labels, doc = postprocess(t["LOGITS"], t["GRID"], t["CT"], t["SPACING"])
         return {"LABELS": labels, "FINDINGS": json_tensor(_stamped(doc, provenance, t0))}
 
-    return Step(run, NUMPY, "numpy", "cpu")
+    return Step(run, NUMPY, "numpy", device)
 
 
 def _torch_postprocess(args: dict[str, Any], params: dict[str, str], device: str) -> Step:
@@ -198,7 +198,10 @@ def card_step(args: dict[str, Any]) -> tuple[ModelIO, Step]:
     require_numpy_1()
     card = read_card(Path(args["model_repository"]).parent / name / CARD_FILE)
     builders = {"preprocess": _card_preprocess, "segmenter": _card_segmenter, "postprocess": _card_postprocess}
-    return card.model_io(role), builders[role](card, args, params)
+    device = instance_device(args)
+    if device.startswith("cuda"):
+        require_cuda(device)
+    return card.model_io(role), builders[role](card, args, params, device)
 
 
 def card_ops(card: ModelCard) -> Any:
@@ -212,7 +215,7 @@ def card_ops(card: ModelCard) -> Any:
     return pipelines[card.pipeline]
 
 
-def _card_preprocess(card: ModelCard, args: dict[str, Any], params: dict[str, str]) -> Step:
+def _card_preprocess(card: ModelCard, args: dict[str, Any], params: dict[str, str], device: str) -> Step:
     ops = card_ops(card)
 
     def run(t: dict[str, Any]) -> dict[str, Any]:
@@ -221,20 +224,35 @@ def _card_preprocess(card: ModelCard, args: dict[str, Any], params: dict[str, st
         image, geometry = ops.preprocess(ct, spacing, card)
         return {"IMAGE": image, "GEOMETRY": geometry}
 
-    return Step(run, NUMPY, "numpy", "cpu")
+    return Step(run, NUMPY, "numpy", device)
 
 
-def _card_segmenter(card: ModelCard, args: dict[str, Any], params: dict[str, str]) -> Step:
-    from medseg.model.inference import OnnxSegmenter
+def _card_segmenter(card: ModelCard, args: dict[str, Any], params: dict[str, str], device: str) -> Step:
+    """The card's sliding window; the tiles through ONNX Runtime on the CPU (cpu flavor), the TorchScript network in
+    float32 on the instance's device (cuda flavor) or the TensorRT engine built for the card's tile (GPU production)."""
+    from medseg.model.inference import OnnxSegmenter, TensorRTTiles, TorchScriptTiles
 
     ops = card_ops(card)
     version_dir = Path(args["model_repository"]) / args["model_version"]
-    network = OnnxSegmenter(version_dir / params.get("onnx_file", card.onnx_file),
-                            threads=int(params.get("intra_op_threads", "0")))
-    return Step(lambda t: {"LOGITS": ops.logits(t["IMAGE"], card, network.run)}, NUMPY, "onnxruntime", "cpu")
+    engine = params.get("engine", "onnxruntime")
+    predict: Callable[[np.ndarray], np.ndarray]
+    if engine == "onnxruntime":
+        predict = OnnxSegmenter(version_dir / params.get("onnx_file", card.onnx_file),
+                                threads=int(params.get("intra_op_threads", "0"))).run
+    elif engine == "torchscript":
+        path = version_dir / params.get("torchscript_file", card.torchscript_file)
+        if not path.is_file():
+            raise ArtifactError(f"{path}: no TorchScript network (import the model again with this medseg version)")
+        predict = TorchScriptTiles(path, device).run
+    elif engine == "tensorrt":
+        predict = TensorRTTiles(version_dir / params.get("plan_file", "model.plan"), card.num_classes, device).run
+    else:
+        raise ArtifactError(f"{args['model_name']}: parameter engine must be onnxruntime, torchscript or tensorrt, "
+                            f"got {engine!r}")
+    return Step(lambda t: {"LOGITS": ops.logits(t["IMAGE"], card, predict)}, NUMPY, engine, device)
 
 
-def _card_postprocess(card: ModelCard, args: dict[str, Any], params: dict[str, str]) -> Step:
+def _card_postprocess(card: ModelCard, args: dict[str, Any], params: dict[str, str], device: str) -> Step:
     from medseg.ops.postprocess import label_findings
 
     ops = card_ops(card)
@@ -246,4 +264,4 @@ def _card_postprocess(card: ModelCard, args: dict[str, Any], params: dict[str, s
         doc = label_findings(labels, t["CT"], t["SPACING"], card.labels)
         return {"LABELS": labels, "FINDINGS": json_tensor(_stamped(doc, model, t0))}
 
-    return Step(run, NUMPY, "numpy", "cpu")
+    return Step(run, NUMPY, "numpy", device)
