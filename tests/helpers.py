@@ -194,3 +194,44 @@ def card_segmenter_logits(repo: Path, name: str, flavor_file: str, seed: int) ->
     ph = generate(seed, num_slices=32)
     image, _ = card_ops(card).preprocess(ph.ct, ph.spacing, card)
     return step.handler({"IMAGE": image})["LOGITS"], step.engine
+
+
+def assert_gpu_flavors_agree(repo: Path, name: str, seed: int = 5003) -> None:
+    """The cuda flavor's segmenter (the TorchScript network; here on torch's CPU device) gives the cpu flavor's
+    logits (ONNX Runtime) on a phantom; GPU production's runs the TensorRT engine, and without TensorRT says so."""
+    import importlib.util
+
+    import numpy as np
+
+    from medseg_client.errors import ArtifactError
+
+    cpu, engine = card_segmenter_logits(repo, name, "configs/cpu.pbtxt", seed)
+    assert engine == "onnxruntime"
+    gpu, engine = card_segmenter_logits(repo, name, "configs/cuda.pbtxt", seed)
+    assert engine == "torchscript"
+    cpu, gpu = np.asarray(cpu), np.asarray(gpu)
+    np.testing.assert_allclose(gpu, cpu, rtol=0, atol=1e-3 * max(1.0, float(np.abs(cpu).max())))
+    assert (np.argmax(gpu, 0) == np.argmax(cpu, 0)).mean() > 0.9999
+    if importlib.util.find_spec("tensorrt") is None:
+        with pytest.raises(ArtifactError, match="TensorRT is not installed here"):
+            card_segmenter_logits(repo, name, "config.pbtxt", seed)
+
+
+def assert_model_landed(repo: Path, name: str) -> None:
+    """An import's configs are written as generated, and its ONNX takes a batch of tiles."""
+    import numpy as np
+    import onnxruntime as ort
+
+    from medseg.serving.configgen import CARD_HEADER, card_config_dicts, to_pbtxt
+    from medseg_client.card import CARD_FILE, read_card
+
+    card = read_card(repo / name / CARD_FILE)
+    for rel, config in card_config_dicts(card).items():
+        assert (repo / rel).read_text() == to_pbtxt(config, CARD_HEADER.format(name=card.name))
+    for step in ("preprocess", "segmenter", "postprocess"):
+        assert (repo / f"{name}_{step}" / "1" / "model.py").is_file()
+    session = ort.InferenceSession(str(repo / f"{name}_segmenter" / "1" / card.onnx_file),
+                                   providers=["CPUExecutionProvider"])
+    (logits,) = session.run(None, {"IMAGE": np.zeros((3, card.in_channels, *card.inference.patch), np.float32)})
+    assert logits.shape == (3, card.num_classes, *card.inference.patch)
+    assert (repo / f"{name}_segmenter" / "1" / card.torchscript_file).is_file()

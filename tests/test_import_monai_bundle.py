@@ -5,7 +5,6 @@ is refused by name, with nothing written."""
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import shutil
 import subprocess
@@ -13,7 +12,6 @@ import sys
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import pytest
 
 from export.monai_bundle_fixture import BUNDLE, PIXDIM, ROI, WINDOW
@@ -21,7 +19,7 @@ from export.nnunet_fixture import LABEL_CODES_FILE, LABELS
 from medseg.importers.monai_bundle import import_monai_bundle, read_bundle
 from medseg_client.card import CARD_FILE, read_card
 from medseg_client.errors import ArtifactError
-from tests.helpers import card_segmenter_logits
+from tests.helpers import assert_gpu_flavors_agree, assert_model_landed
 
 
 @pytest.fixture(scope="module")
@@ -46,31 +44,11 @@ def test_the_card_is_the_bundle(imported: Path) -> None:
 
 
 def test_the_model_lands_in_the_repository(imported: Path) -> None:
-    import onnxruntime as ort
-
-    from medseg.serving.configgen import CARD_HEADER, card_config_dicts, to_pbtxt
-
-    card = read_card(imported / "phantom_monai" / CARD_FILE)
-    for rel, config in card_config_dicts(card).items():
-        assert (imported / rel).read_text() == to_pbtxt(config, CARD_HEADER.format(name=card.name))
-    session = ort.InferenceSession(str(imported / "phantom_monai_segmenter" / "1" / card.onnx_file),
-                                   providers=["CPUExecutionProvider"])
-    (logits,) = session.run(None, {"IMAGE": np.zeros((3, 1, *card.inference.patch), np.float32)})
-    assert logits.shape == (3, card.num_classes, *card.inference.patch)
+    assert_model_landed(imported, "phantom_monai")
 
 
 def test_the_gpu_flavors_run_the_same_network(imported: Path) -> None:
-    """The cuda flavor's segmenter (the TorchScript network; here on torch's CPU device) gives the cpu flavor's
-    logits (ONNX Runtime) on a phantom; GPU production's runs the TensorRT engine, and without TensorRT says so."""
-    cpu, engine = card_segmenter_logits(imported, "phantom_monai", "configs/cpu.pbtxt", 5003)
-    assert engine == "onnxruntime"
-    gpu, engine = card_segmenter_logits(imported, "phantom_monai", "configs/cuda.pbtxt", 5003)
-    assert engine == "torchscript"
-    np.testing.assert_allclose(gpu, cpu, rtol=0, atol=1e-3 * max(1.0, float(np.abs(cpu).max())))
-    assert (np.argmax(gpu, 0) == np.argmax(cpu, 0)).mean() > 0.9999
-    if importlib.util.find_spec("tensorrt") is None:
-        with pytest.raises(ArtifactError, match="TensorRT is not installed here"):
-            card_segmenter_logits(imported, "phantom_monai", "config.pbtxt", 5003)
+    assert_gpu_flavors_agree(imported, "phantom_monai")
 
 
 def _variant(tmp_path: Path, edit: Any = None, meta: Any = None, drop: str | None = None) -> Path:

@@ -4,21 +4,19 @@ repository with configs Triton's schema accepts, and what the pipeline cannot re
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import shutil
 import subprocess
 import sys
 from pathlib import Path
 
-import numpy as np
 import pytest
 
 from export.nnunet_fixture import LABEL_CODES, LABEL_CODES_FILE, RESULTS_FOLDER
 from medseg.importers.nnunet import import_nnunet
 from medseg_client.card import CARD_FILE, read_card
 from medseg_client.errors import ArtifactError
-from tests.helpers import card_segmenter_logits
+from tests.helpers import assert_gpu_flavors_agree, assert_model_landed
 
 
 @pytest.fixture(scope="module")
@@ -51,34 +49,11 @@ def test_the_card_is_the_plans(imported: Path) -> None:
 
 
 def test_the_model_lands_in_the_repository(imported: Path) -> None:
-    import onnxruntime as ort
-
-    from medseg.serving.configgen import CARD_HEADER, card_config_dicts, to_pbtxt
-
-    card = read_card(imported / "phantom_nnunet" / CARD_FILE)
-    for rel, config in card_config_dicts(card).items():  # written as generated, and Triton's schema takes them
-        assert (imported / rel).read_text() == to_pbtxt(config, CARD_HEADER.format(name=card.name))
-    for step in ("preprocess", "segmenter", "postprocess"):
-        assert (imported / f"phantom_nnunet_{step}" / "1" / "model.py").is_file()
-    session = ort.InferenceSession(str(imported / "phantom_nnunet_segmenter" / "1" / card.onnx_file),
-                                   providers=["CPUExecutionProvider"])
-    tiles = np.zeros((3, 1, *card.inference.patch), np.float32)  # a batch of mirrored tiles in one call
-    (logits,) = session.run(None, {"IMAGE": tiles})
-    assert logits.shape == (3, card.num_classes, *card.inference.patch)
+    assert_model_landed(imported, "phantom_nnunet")
 
 
 def test_the_gpu_flavors_run_the_same_network(imported: Path) -> None:
-    """The cuda flavor's segmenter (the TorchScript network; here on torch's CPU device) gives the cpu flavor's
-    logits (ONNX Runtime) on a phantom; GPU production's runs the TensorRT engine, and without TensorRT says so."""
-    cpu, engine = card_segmenter_logits(imported, "phantom_nnunet", "configs/cpu.pbtxt", 5003)
-    assert engine == "onnxruntime"
-    gpu, engine = card_segmenter_logits(imported, "phantom_nnunet", "configs/cuda.pbtxt", 5003)
-    assert engine == "torchscript"
-    np.testing.assert_allclose(gpu, cpu, rtol=0, atol=1e-3 * max(1.0, float(np.abs(cpu).max())))
-    assert (np.argmax(gpu, 0) == np.argmax(cpu, 0)).mean() > 0.9999
-    if importlib.util.find_spec("tensorrt") is None:
-        with pytest.raises(ArtifactError, match="TensorRT is not installed here"):
-            card_segmenter_logits(imported, "phantom_nnunet", "config.pbtxt", 5003)
+    assert_gpu_flavors_agree(imported, "phantom_nnunet")
 
 
 def _variant(tmp_path: Path, edit_plans: dict | None = None, edit_dataset: dict | None = None,
