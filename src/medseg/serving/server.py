@@ -28,11 +28,14 @@ from medseg_client.errors import ServerError
 from medseg_client.protocol import ADMIN_KEY_NAME, ADMIN_PROTOCOLS, GRPC_PORT, HTTP_PORT, METRICS_PORT
 
 BACKENDS_DIR = REPO_ROOT / ".triton_backends"
-# the python backend's shared memory (start and growth step) per model instance. Embedded: three python models pass
-# CPU tensors (the image, float32 logits of 3 x the model grid, the CT) through it, so it starts at 1 GiB and grows by
-# as much. GPU production (docker-compose.yml, medseg mig compose): only the postprocess is python, its logits come
-# by CUDA IPC and only the CT and the labels pass here, inside the container's 2 GB /dev/shm: 64 MiB steps.
-SHM_BYTES = 1024 * 1024 * 1024
+# the python backend's shared memory (start and growth step) per model instance, in /dev/shm (RAM). Embedded: the
+# python models pass CPU tensors (the image, float32 logits, the CT) through it: each starts at 128 MiB and grows by
+# 1 GiB at a time on its first large study (a whole-volume 512 x 512 x 300 study needs about 1 GiB), so a repository
+# of many models (each imported model adds three) does not hold a GiB per model it may never use. GPU production
+# (docker-compose.yml, medseg mig compose): only the postprocess is python, its logits come by CUDA IPC and only the
+# CT and the labels pass here, inside the container's 2 GB /dev/shm: 64 MiB steps.
+SHM_START_BYTES = 128 * 1024 * 1024
+SHM_GROWTH_BYTES = 1024 * 1024 * 1024
 PRODUCTION_SHM_BYTES = 64 * 1024 * 1024
 
 
@@ -174,8 +177,8 @@ class EmbeddedServer:
             "--disable-auto-complete-config",
             f"--log-verbose={o.log_verbose}",
             f"--backend-config=python,shm-region-prefix-name={self._shm_prefix}",
-            f"--backend-config=python,shm-default-byte-size={SHM_BYTES}",
-            f"--backend-config=python,shm-growth-byte-size={SHM_BYTES}",
+            f"--backend-config=python,shm-default-byte-size={SHM_START_BYTES}",
+            f"--backend-config=python,shm-growth-byte-size={SHM_GROWTH_BYTES}",
             "--exit-timeout-secs=10",
         ]
         if o.flavor != "gpu":
