@@ -172,7 +172,7 @@ def card_config_dicts(card: ModelCard) -> dict[str, dict[str, Any]]:
     """An imported model's ensemble and its python-backend steps, by path relative to the repository. Preprocessing
     and postprocessing run in numpy on the CPU in every flavor; the sliding window's network runs in ONNX Runtime on
     the CPU (cpu flavor), as TorchScript on the GPU (cuda flavor) or as the TensorRT engine built for the card's tile
-    (GPU production: ``python -m export.build_trt --card REPOSITORY/NAME`` writes it beside the ONNX)."""
+    (GPU production: ``python -m export.build_trt --card <repository>/<name>`` writes it beside the ONNX)."""
     pre, seg, post = (card.model_io(role) for role in ROLES)
 
     def python(model: ModelIO, role: str, kind: str = "KIND_CPU", **params: str) -> dict[str, Any]:
