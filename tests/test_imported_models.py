@@ -196,8 +196,7 @@ def bundle_cases(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
                           "--dataset_dir", str(data), "--output_dir", str(out)],
                          capture_output=True, text=True, timeout=900)
     assert run.returncode == 0, run.stderr[-3000:]
-    return {**{k: v for k, v in cases.items()}, **{f"{k}:oracle": out / f"{v.name.removesuffix('.nii.gz')}_seg.nii.gz"
-                                                   for k, v in cases.items()}}
+    return {**cases, **{f"{k}:oracle": out / f"{v.name.removesuffix('.nii.gz')}_seg.nii.gz" for k, v in cases.items()}}
 
 
 def bundle_oracle(cases: dict[str, Path], key: str) -> np.ndarray:

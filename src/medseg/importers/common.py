@@ -1,4 +1,5 @@
-"""What every importer shares: a valid model name, DICOM codes for the card's labels, the checked ONNX export."""
+"""What every importer shares: a valid model name, labels and their DICOM codes, the network's checked exports (ONNX,
+TorchScript) and writing the model into a repository."""
 
 from __future__ import annotations
 
