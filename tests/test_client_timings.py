@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from typing import Any
 
+import numpy as np
 import pytest
 
 from medseg.synth.phantom import generate
@@ -35,3 +36,20 @@ def test_the_servers_postprocess_time_comes_with_the_result_not_in_its_findings(
     t = result.timings_s
     assert {"request_s", "preprocess_s", "segmenter_s", "postprocess_s"} <= t.keys()  # alone on this server
     assert 0 < t["postprocess_s"] < t["request_s"] and t["preprocess_s"] + t["segmenter_s"] < t["request_s"]
+
+
+@pytest.mark.parametrize("sizes", [[0], [1, 127, 128], [300 * 1024, 3]])
+def test_a_request_written_once_parses_as_the_generated_codes_request(sizes: list[int]) -> None:
+    """wire_request appends each tensor as one more raw_input_contents field (varint lengths of 1..3 bytes here):
+    the bytes parse as the same request, every tensor's bytes in order."""
+    from tritonclient.grpc import service_pb2
+
+    from medseg_client.client import wire_request
+
+    rng = np.random.default_rng(0)
+    arrays = [rng.integers(-1024, 3071, size=n).astype(np.int16) for n in sizes]
+    request = service_pb2.ModelInferRequest(model_name="ct_liver", id="abc")
+    request.inputs.add().name = "CT"
+    parsed = service_pb2.ModelInferRequest.FromString(wire_request(request, arrays))
+    assert parsed.model_name == "ct_liver" and parsed.id == "abc" and [t.name for t in parsed.inputs] == ["CT"]
+    assert list(parsed.raw_input_contents) == [a.tobytes() for a in arrays]

@@ -98,6 +98,38 @@ def test_a_reoriented_nifti_maps_to_the_same_canonical_volume_and_back(small_pha
     assert np.array_equal(study.to_native(study.ct), data)
 
 
+@pytest.mark.parametrize("kind", ["nifti1", "nifti2", "nifti1-bigendian"])
+def test_gzipped_nifti_is_read_as_nibabel_reads_it(kind: str, small_phantom: Phantom, tmp_path: Path) -> None:
+    """The one-call inflate (ISA-L) reads NIfTI-1 and -2, either byte order, scaled data, as nibabel's own loader."""
+    write_phantom(small_phantom, tmp_path, "nifti")
+    img = nib.load(str(tmp_path / "ct.nii.gz"))
+    data = np.asarray(img.dataobj).astype(np.float32) / 2  # scl_slope 2 below
+    klass = nib.Nifti2Image if kind == "nifti2" else nib.Nifti1Image
+    out = klass(data.astype(">f4" if kind.endswith("bigendian") else "<f4"), img.affine)
+    out.header.set_slope_inter(2.0, 0.0)
+    out.to_filename(str(tmp_path / f"{kind}.nii.gz"))
+    study = read_study(tmp_path / f"{kind}.nii.gz")
+    assert np.array_equal(study.ct, small_phantom.ct)
+    assert np.allclose(study.native_affine_ras, img.affine)
+
+
+def test_labels_are_written_in_nifti_order_and_read_back_by_nibabel(small_phantom: Phantom, tmp_path: Path) -> None:
+    """to_native gives the file's (i, j, k) order laid out as NIfTI stores it; save_nifti writes C- or F-ordered
+    volumes alike, with both the qform and the sform."""
+    write_phantom(small_phantom, tmp_path, "nifti")
+    study = read_study(tmp_path / "ct.nii.gz")
+    native = study.to_native(small_phantom.labels)
+    assert native.flags.f_contiguous
+    save_nifti(native, study.native_affine_ras, tmp_path / "f.nii.gz")
+    save_nifti(np.ascontiguousarray(native), study.native_affine_ras, tmp_path / "c.nii.gz")
+    for name in ("f.nii.gz", "c.nii.gz"):
+        img = nib.load(str(tmp_path / name))
+        assert np.array_equal(np.asarray(img.dataobj), native)
+        assert np.allclose(img.affine, study.native_affine_ras)
+        assert int(img.header["qform_code"]) == 1 and int(img.header["sform_code"]) == 1
+    assert np.array_equal(read_study(tmp_path / "f.nii.gz").ct, small_phantom.labels.astype(np.int16))
+
+
 def test_unreadable_inputs_are_refused_by_name(tmp_path: Path) -> None:
     (tmp_path / "empty").mkdir()
     with pytest.raises(StudyError, match="no files"):
@@ -109,6 +141,14 @@ def test_unreadable_inputs_are_refused_by_name(tmp_path: Path) -> None:
     (tmp_path / "broken.nii.gz").write_bytes(b"\x1f\x8b not really gzip")
     with pytest.raises(StudyError, match=r"broken\.nii\.gz"):
         read_study(tmp_path / "broken.nii.gz")
+    import gzip
+
+    (tmp_path / "cut.nii.gz").write_bytes(gzip.compress(b"\x5c\x01\x00\x00" + bytes(200)))  # a header cut short
+    with pytest.raises(StudyError, match=r"cut\.nii\.gz: not a readable NIfTI file"):
+        read_study(tmp_path / "cut.nii.gz")
+    (tmp_path / "empty.nii.gz").write_bytes(gzip.compress(b""))
+    with pytest.raises(StudyError, match=r"empty\.nii\.gz: not a readable NIfTI file"):
+        read_study(tmp_path / "empty.nii.gz")
     with pytest.raises(StudyError, match="expected a DICOM series folder"):
         read_study(tmp_path / "notdicom" / "a.txt")
 

@@ -67,19 +67,21 @@ def render_preview(ct: np.ndarray, labels: np.ndarray, spacing: Sequence[float],
     """The montage for a canonical (z, y, x) study with z increasing towards the head."""
     sz, sy, sx = (float(s) for s in spacing)
     tumors = findings.get("tumors", [])[:3]
-    organ = labels > 0
+    # the labelled slab only (one max-pass over the study finds it): labelled voxels per slice and per row
+    zs = np.flatnonzero(labels.reshape(labels.shape[0], -1).max(axis=1))
+    organ = labels[zs[0] : zs[-1] + 1] > 0 if zs.size else np.zeros((0, *labels.shape[1:]), bool)
+    per_slice, per_row = organ.sum(axis=(1, 2)), organ.sum(axis=(0, 2))
     if tumors:
         axial_slices = [min(ct.shape[0] - 1, max(0, int(np.rint(t["centroid_voxel_zyx"][0])))) for t in tumors]
     else:
-        per_slice = organ.sum(axis=(1, 2))
-        axial_slices = [int(np.argmax(per_slice))] if per_slice.any() else [ct.shape[0] // 2]
+        axial_slices = [int(zs[0] + np.argmax(per_slice))] if zs.size else [ct.shape[0] // 2]
     panels = []
     for k, z in enumerate(axial_slices):
         marks = [(t["centroid_voxel_zyx"][1], t["centroid_voxel_zyx"][2], _mark(t))
                  for t in findings.get("tumors", []) if abs(t["centroid_voxel_zyx"][0] - z) < 0.5 + 5.0 / sz]
         title = f"axial slice {z + 1}/{ct.shape[0]}" + (f" - tumor {tumors[k]['id']}" if tumors else "")
         panels.append(_panel(_overlay(ct[z], labels[z], classes), (sy, sx), title, marks))
-    y = int(np.rint(np.argwhere(organ)[:, 1].mean())) if organ.any() else ct.shape[1] // 2
+    y = int(np.rint(per_row @ np.arange(len(per_row)) / per_row.sum())) if zs.size else ct.shape[1] // 2
     coronal_ct, coronal_lab = ct[::-1, y, :], labels[::-1, y, :]  # head at the top
     marks = [(ct.shape[0] - 1 - t["centroid_voxel_zyx"][0], t["centroid_voxel_zyx"][2], _mark(t))
              for t in findings.get("tumors", [])]

@@ -63,7 +63,9 @@ class Study:
         inverse = np.empty_like(self.ornt)
         for native_axis, (canon_axis, flip) in enumerate(self.ornt):
             inverse[int(canon_axis)] = (native_axis, flip)
-        native = np.ascontiguousarray(apply_orientation(labels_zyx.transpose(2, 1, 0), inverse))
+        # Fortran order: the (z, y, x) C-ordered labels are (x, y, z) in Fortran order, so this is a copy in memory
+        # order (flips at most), and NIfTI writes it as it lies
+        native = np.asfortranarray(apply_orientation(labels_zyx.transpose(2, 1, 0), inverse))
         return native if self.slice_shifts is None else retilt_labels(native, self.slice_shifts)
 
     def lps_mm(self, voxel_zyx: list[float]) -> list[float]:
@@ -98,7 +100,7 @@ def _to_hu_int16(data: np.ndarray, what: str) -> np.ndarray:
         if not np.isfinite(data).all():
             raise StudyError(f"{what}: voxel data contains NaN or infinite values")
         data = np.rint(data)
-    return np.clip(data, HU_MIN, HU_MAX).astype(np.int16)
+    return np.clip(data, HU_MIN, HU_MAX).astype(np.int16, copy=False)
 
 
 def load_nifti_volume(path: Path, what: str = "CT volume") -> tuple[np.ndarray, Any]:
@@ -107,15 +109,47 @@ def load_nifti_volume(path: Path, what: str = "CT volume") -> tuple[np.ndarray, 
     import nibabel as nib
 
     try:
-        img: Any = nib.load(str(path))
+        img: Any = _load_gzipped(path) if path.name.endswith(".gz") else nib.load(str(path))
         data = np.asanyarray(img.dataobj)
-    except Exception as e:  # nibabel raises many types for broken files
+    except Exception as e:  # nibabel raises many types for broken files (and isal/gzip for broken streams)
         raise StudyError(f"{path.name}: not a readable NIfTI file ({type(e).__name__}: {' '.join(str(e).split())})") from e
     if data.ndim == 4 and data.shape[3] == 1:
         data = data[..., 0]
     if data.ndim != 3:
         raise StudyError(f"{path.name}: expected a 3-D {what}, got {data.ndim}-D data of shape {data.shape}")
     return data, img
+
+
+def _gunzip(raw: bytes) -> bytes:
+    """A gzip stream's content: ISA-L's inflate where installed (about 3x zlib's speed), else the standard library's."""
+    try:
+        from isal import igzip
+    except ImportError:
+        import gzip as igzip  # type: ignore[no-redef]
+    return igzip.decompress(raw)
+
+
+def _gzip(data: bytes) -> bytes:
+    """A gzip stream of ``data`` at the fastest level (labels are mostly background: level 1 loses little size)."""
+    try:
+        from isal import igzip
+    except ImportError:
+        import gzip as igzip  # type: ignore[no-redef]
+    return igzip.compress(data, compresslevel=1)
+
+
+def _load_gzipped(path: Path) -> Any:
+    """A gzipped NIfTI-1 or NIfTI-2 image, inflated in one call rather than through nibabel's gzip stream
+    (on a 512 x 512 x 300 CT: 0.5 s instead of 1.4 s); the image's data are then read from memory."""
+    import nibabel as nib
+
+    data = _gunzip(path.read_bytes())
+    if len(data) < 4:
+        raise ValueError(f"{len(data)} bytes after decompression: no NIfTI header")
+    # sizeof_hdr, in either byte order: 348 for NIfTI-1, 540 for NIfTI-2
+    sizes = {int.from_bytes(data[:4], "little"), int.from_bytes(data[:4], "big")}
+    klass = nib.Nifti2Image if 540 in sizes else nib.Nifti1Image
+    return klass.from_bytes(data)
 
 
 def read_nifti(path: Path) -> Study:
@@ -701,7 +735,12 @@ def save_nifti(volume_native: np.ndarray, affine_ras: np.ndarray, path: Path) ->
     img = nib.Nifti1Image(volume_native, affine_ras)
     img.set_qform(affine_ras, code=1)
     img.set_sform(affine_ras, code=1)
-    nib.save(img, str(path))
+    if not path.name.endswith(".gz"):
+        nib.save(img, str(path))
+        return
+    # NIfTI stores voxels in Fortran order: an F-ordered volume is written as it lies in memory (a C-ordered one
+    # is transposed on the way), then compressed in one call at the fastest level
+    path.write_bytes(_gzip(img.to_bytes()))
 
 
 def write_phantom(phantom: Any, out: Path, fmt: str) -> list[Path]:
