@@ -156,3 +156,45 @@ def test_bounding_box_equals_find_objects() -> None:
             z, y, x = rng.integers(0, 18), rng.integers(0, 28), rng.integers(0, 38)
             mask[z : z + 2, y : y + 2, x : x + 2] = True
         assert bounding_box(mask) == ndimage.find_objects(mask.astype(np.uint8))[0]
+
+
+def test_labelled_box_is_the_box_of_any_nonzero_label_or_none() -> None:
+    from scipy import ndimage
+
+    from medseg.ops.postprocess import labelled_box
+
+    rng = np.random.default_rng(5)
+    labels = np.zeros((20, 30, 40), np.uint8)
+    assert labelled_box(labels) is None
+    for _ in range(5):
+        labels[:] = 0
+        for value in (1, 2):
+            z, y, x = rng.integers(0, 18), rng.integers(0, 28), rng.integers(0, 38)
+            labels[z : z + 2, y : y + 2, x : x + 2] = value
+        assert labelled_box(labels) == ndimage.find_objects((labels > 0).astype(np.uint8))[0]
+        assert labelled_box(labels == 2) == ndimage.find_objects((labels == 2).astype(np.uint8))[0]
+
+
+def test_label_findings_measure_each_class_inside_its_own_box_as_on_the_whole_study() -> None:
+    """An imported model's findings: volume, 26-connected components and mean HU per class, each measured inside
+    the class's box, equal to counting over the whole study (a class the model did not label is reported empty)."""
+    from scipy import ndimage
+
+    from medseg.ops.postprocess import label_findings
+    from medseg_client.spec import Label
+
+    rng = np.random.default_rng(6)
+    labels = np.zeros((30, 40, 50), np.uint8)
+    for value, blobs in ((1, 3), (3, 1)):
+        for _ in range(blobs):
+            z, y, x = rng.integers(0, 26), rng.integers(0, 36), rng.integers(0, 46)
+            labels[z : z + 3, y : y + 4, x : x + 3] = value
+    ct = rng.integers(-200, 300, size=labels.shape).astype(np.int16)
+    classes = [Label(v, n, n, (0, 0, 0)) for v, n in ((0, "background"), (1, "a"), (2, "b"), (3, "c"))]
+    got = {c["name"]: c for c in label_findings(labels, ct, (2.0, 1.0, 1.0), classes)["labels"]}
+    for value, name in ((1, "a"), (2, "b"), (3, "c")):
+        mask = labels == value
+        assert got[name]["voxels"] == int(mask.sum()) and got[name]["volume_ml"] == round(mask.sum() * 0.002, 2)
+        assert got[name]["components"] == (ndimage.label(mask, np.ones((3, 3, 3)))[1] if mask.any() else 0)
+        assert got[name]["mean_hu"] == (round(float(ct[mask].mean()), 1) if mask.any() else None)
+    assert got["b"]["voxels"] == 0 and got["a"]["voxels"] > 0

@@ -126,13 +126,22 @@ def longest_axial_diameter(mask: np.ndarray, spacing: Sequence[float]) -> float:
     return best
 
 
-def bounding_box(mask: np.ndarray) -> tuple[slice, slice, slice]:
+def labelled_box(volume: np.ndarray) -> tuple[slice, slice, slice] | None:
+    """The tightest box around the nonzero voxels of a 3-D array (labels or a mask), None where there are none:
+    one contiguous max-pass over the volume for the slices, then the projections of that slab only."""
+    z = np.flatnonzero(volume.reshape(volume.shape[0], -1).max(axis=1)) if volume.size else np.zeros(0, np.int64)
+    if z.size == 0:
+        return None
+    return bounding_box(volume[z[0] : z[-1] + 1] != 0, z_offset=int(z[0]))
+
+
+def bounding_box(mask: np.ndarray, z_offset: int = 0) -> tuple[slice, slice, slice]:
     """The tightest box around a non-empty 3-D mask, from its projections (10x faster than find_objects)."""
     z = np.flatnonzero(mask.any(axis=(1, 2)))
     inner = mask[z[0] : z[-1] + 1]
     y = np.flatnonzero(inner.any(axis=(0, 2)))
     x = np.flatnonzero(inner.any(axis=(0, 1)))
-    return slice(z[0], z[-1] + 1), slice(y[0], y[-1] + 1), slice(x[0], x[-1] + 1)
+    return slice(z_offset + z[0], z_offset + z[-1] + 1), slice(y[0], y[-1] + 1), slice(x[0], x[-1] + 1)
 
 
 def measure(labels: np.ndarray, ct: np.ndarray, spacing: Sequence[float],
@@ -140,16 +149,20 @@ def measure(labels: np.ndarray, ct: np.ndarray, spacing: Sequence[float],
     """Findings on the study's grid: liver volume and, per tumor, volume, diameter, centroid, box, mean HU and
     (given ``confidence_of``, which maps a tumor's (n, 3) study voxels to its confidence) the confidence."""
     voxel_ml = float(np.prod([float(s) for s in spacing])) / 1000.0
-    organ = labels > 0
     result: dict[str, Any] = {
-        "liver": {"found": bool(organ.any()), "volume_ml": round(float(organ.sum()) * voxel_ml, 2)},
+        "liver": {"found": False, "volume_ml": 0.0},
         "tumors": [],
         "tumor_burden_ml": 0.0,
         "tumors_not_listed": 0,
     }
-    if not organ.any():
+    organ_box = labelled_box(labels)  # the study is mostly background: everything below reads boxes only
+    if organ_box is None:
         return result
-    box = bounding_box(organ)
+    result["liver"] = {"found": True, "volume_ml": round(float(np.count_nonzero(labels[organ_box])) * voxel_ml, 2)}
+    tumor_box = labelled_box(labels[organ_box] == TUMOR)
+    if tumor_box is None:
+        return result
+    box = tuple(slice(o.start + t.start, o.start + t.stop) for o, t in zip(organ_box, tumor_box, strict=True))
     offset = np.array([s.start for s in box])
     tumor_mask = labels[box] == TUMOR
     comp, n = ndimage.label(tumor_mask, structure=_FULL)
@@ -382,18 +395,24 @@ def findings(labels: np.ndarray, grid: Sequence[int], ct: np.ndarray, spacing: S
 
 def label_findings(labels: np.ndarray, ct: np.ndarray, spacing: Sequence[float], classes: Sequence[Label]) -> dict[str, Any]:
     """Findings of an imported model's labels on the study's grid: per foreground class its volume, connected
-    components (26-connected) and mean HU, measured as the model labelled them (no rules of medseg's own model)."""
+    components (26-connected) and mean HU, measured as the model labelled them (no rules of medseg's own model).
+    One pass finds every class's box; each class is then measured inside its own box only, so the cost follows
+    what the model labelled, not the study's size times the classes."""
     voxel_ml = float(np.prod([float(s) for s in spacing])) / 1000.0
-    counts = np.bincount(labels.ravel(), minlength=max(lab.value for lab in classes) + 1)
-    hu_sums = np.bincount(labels.ravel(), weights=ct.ravel().astype(np.float64), minlength=counts.size)
+    boxes = ndimage.find_objects(labels)  # [value - 1]: the box of that label value, None where it is absent
     out = []
     for lab in classes:
         if lab.value == 0:
             continue
-        n = int(counts[lab.value])
-        components = int(ndimage.label(labels == lab.value, _FULL)[1]) if n else 0
+        box = boxes[lab.value - 1] if lab.value <= len(boxes) else None
+        n, components, mean_hu = 0, 0, None
+        if box is not None:
+            mask = labels[box] == lab.value
+            n = int(np.count_nonzero(mask))
+            components = int(ndimage.label(mask, _FULL)[1])
+            mean_hu = round(float(ct[box][mask].mean(dtype=np.float64)), 1)
         out.append({"value": lab.value, "name": lab.name, "volume_ml": round(n * voxel_ml, 2), "voxels": n,
-                    "components": components, "mean_hu": round(float(hu_sums[lab.value] / n), 1) if n else None})
+                    "components": components, "mean_hu": mean_hu})
     found = [str(c["name"]) for c in out if c["voxels"]]
     return {
         "status": {"reported": bool(found), "code": "labelled" if found else "nothing_found",
