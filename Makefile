@@ -90,7 +90,8 @@ test-slow: $(STAMP) $(ONNX) realct
 soak: $(STAMP) $(ONNX)
 	$(PY) -m perf.soak
 
-# the short benchmark (< 10 min on 2 cores), then the imported nnU-Net model against nnUNetPredictor (about 15 min);
+# the short benchmark with the whole `medseg segment` command on two 512 x 512 x 300 files (about 11 min on 2 cores),
+# then the imported models against their own predictors (about 15 min);
 # `make bench-full` sweeps sizes, concurrency and instances
 bench: $(STAMP) $(ONNX) sysdeps $(PERF_ANALYZER) realct
 	$(PY) -m perf.bench --readme

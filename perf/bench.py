@@ -9,6 +9,8 @@ weights, one after another:
   - the reference pipeline in-process (this project's steps without a server);
   - the ensemble through the embedded Triton server from the client, volume in memory -> labels in
     memory, over gRPC and over system shared memory, with Triton's per-step breakdown;
+  - the user's command on files (``perf.command``): ``medseg segment FILE --out DIR`` as a new process on the
+    300-slice phantom and on a real CT resampled to 512 x 512 x 300, the MONAI pipeline's script on the same files;
   - ``perf_analyzer`` over gRPC and system shared memory (and CUDA shared memory with ``--flavor cuda``)
     at concurrency 1..2 (``--full``: 1..4, and a 600-slice study at 1..2; then 1 vs 2 instances per model).
 Speed never costs correctness: the served labels must equal the reference's (Dice >= 0.99 per label),
@@ -42,7 +44,7 @@ from medseg.serving.server import EmbeddedServer, ServerOptions
 from medseg.synth.phantom import Phantom, generate
 from medseg_client.client import SegmentationClient
 from medseg_client.spec import SPEC
-from perf import pa, report
+from perf import command, pa, report
 from perf.monai_baseline import MonaiBaseline
 
 SEED = 5101  # never used in training or validation
@@ -197,10 +199,21 @@ def main(argv: list[str] | None = None) -> int:
         rows.append(row)
     del monai, reference
     gc.collect()
+    commands: list[dict[str, Any]] = []
     with tempfile.TemporaryDirectory(prefix="medseg-bench-") as tmp, served(args.flavor) as server:
         for row in tqdm(rows, desc="served", unit="size"):
             served_figures(row, studies[row["slices"]], references.pop(row["slices"]), args, server, Path(tmp))
             print(report.row_line(row), flush=True)
+        # the user's command on files: the headline phantom and a real CT of the same matrix, MONAI beside it
+        files = {f"phantom {SEED}": command.phantom_file(studies[HEADLINE_SLICES], Path(tmp) / "phantom")}
+        if command.REAL_CT.is_file():
+            files["TotalSegmentator example_ct"] = command.real_ct_file(command.REAL_CT, Path(tmp) / "real" / "ct.nii.gz")
+        else:
+            print(f"no real CT at {command.REAL_CT} (make realct): the whole command is measured on the phantom only")
+        commands = command.measure(server.grpc_url, files, Path(tmp) / "command", args.repeat, args.monai_repeat,
+                                   "cuda" if args.flavor == "cuda" else "cpu")
+        for c in commands:
+            print(report.command_line(c), flush=True)
     if args.full:  # instance count: a second instance of every model, the 300-slice study, concurrency 1..4
         ph = studies[HEADLINE_SLICES]
         with tempfile.TemporaryDirectory(prefix="medseg-bench-") as tmp:
@@ -215,7 +228,7 @@ def main(argv: list[str] | None = None) -> int:
     doc = {"machine": {"label": label, "platform": platform.platform(), "cores": os.cpu_count(),
                        "processor": label.split("-", 1)[1]},
            "flavor": args.flavor, "full": args.full, "repeat": args.repeat, "seed": SEED,
-           "slice_mm": SLICE_MM, "pixel_mm": PIXEL_MM, "rows": rows, "instances": scaling,
+           "slice_mm": SLICE_MM, "pixel_mm": PIXEL_MM, "rows": rows, "instances": scaling, "command": commands,
            "wall_s": round(time.perf_counter() - t_start, 1)}
     out = args.out / label
     written = report.write(doc, out)

@@ -44,13 +44,13 @@ from medseg.synth.phantom import generate
 from medseg_client.client import SegmentationClient
 from medseg_client.io.studies import Study, read_study, write_phantom
 from perf.bench import machine_label
+from perf.command import REAL_CT, medseg_runs
 from perf.report import update_readme
 
 BEGIN, END = "<!-- bench:imported:begin -->", "<!-- bench:imported:end -->"
 
 NAME, MONAI_NAME = "phantom_nnunet", "phantom_monai"
 SEEDS = (5101, 5102)  # never used in any training
-REAL_CT = REPO_ROOT / ".cache" / "realct" / "reference_files" / "example_ct.nii.gz"
 
 
 def nnunet_predictor() -> Any:
@@ -103,15 +103,7 @@ def time_command(url: str, model: str, source: Path, out: Path, repeat: int) -> 
     """Wall times of `medseg segment --model` as a user runs it, and its labels ((z, y, x) of the file's voxels)."""
     import nibabel as nib
 
-    times = []
-    for _ in range(repeat):
-        shutil.rmtree(out, ignore_errors=True)
-        t0 = time.perf_counter()
-        run = subprocess.run([sys.executable, "-m", "medseg_client.cli", "segment", "--url", url, "--model", model,
-                              str(source), "--out", str(out)], capture_output=True, text=True, timeout=1800)
-        times.append(time.perf_counter() - t0)
-        if run.returncode not in (0, 1):
-            raise SystemExit(f"medseg segment failed ({run.returncode}): {run.stderr.strip()}")
+    times = [r["wall_s"] for r in medseg_runs(url, source, out, repeat, ("--model", model))]
     return times, np.asarray(nib.load(str(out / "labels.nii.gz")).dataobj).transpose(2, 1, 0)  # type: ignore[attr-defined]
 
 
