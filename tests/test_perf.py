@@ -98,6 +98,66 @@ def test_the_cuda_reports_targets_are_the_gpu_ones(tmp_path: Path) -> None:
     assert "12.5 (4 in flight)" in md and "140 ms" in md and "x12.5" in md
 
 
+def _command_row(study: str, wall_s: float, monai_s: float) -> dict[str, Any]:
+    run = {"wall_s": wall_s, "start_s": 0.4, "read_study_s": 0.6, "request_s": wall_s - 1.5, "preprocess_s": 0.4,
+           "segmenter_s": 1.9, "postprocess_s": 0.8, "write_outputs_s": 0.5, "total_s": wall_s - 0.4}
+    return {"study": study, "file": "ct.nii.gz", "file_mb": 77.1, "shape_xyz": [512, 512, 300],
+            "spacing_xyz_mm": [0.71, 0.59, 1.12], "medseg": [run] * 3,
+            "monai": [{"wall_s": monai_s + 9, "file_to_file_s": monai_s, "load_s": 4.0, "pipeline_s": monai_s - 7,
+                       "save_s": 3.0, "setup_s": 0.1}],
+            "speedup_vs_monai": round(monai_s / wall_s, 2)}
+
+
+def test_the_whole_command_is_reported_with_its_parts_targets_and_bounds(tmp_path: Path) -> None:
+    doc = _doc(3.0, 30.0)
+    doc["command"] = [_command_row("phantom 5101", 3.8, 40.0), _command_row("real CT", 6.2, 57.5)]
+    report.write(doc, tmp_path)
+    md = (tmp_path / "bench.md").read_text()
+    headline = report.headline_block(md)
+    assert "| real CT, 512 x 512 x 300 (77 MB) | 6.20 s | 0.40 / 0.60 / 4.70 / 0.50 s | 0.40 / 1.90 / 0.80 s | 57.50 s" \
+        " | **x9.3** |" in headline
+    rows = [line for line in md.splitlines() if line.startswith(("| whole command", "| >= 8x", "| request <="))]
+    assert [r.rsplit("|", 2)[1].strip() for r in rows] == ["met", "met", "NOT met", "NOT met", "met", "NOT met"]
+    # what bounds it: the request less the server's steps is the transfer (4.70 - 3.10)
+    assert "What bounds it (real CT): of 6.20 s" in md and "1.60 s." in md
+    assert "real CT" in report.command_line(doc["command"][1])
+
+
+def test_the_real_ct_is_resampled_over_its_own_extent(tmp_path: Path) -> None:
+    import nibabel as nib
+
+    from perf.command import real_ct_file
+
+    affine = np.array([[-3.0, 0, 0, 100], [0, 3.0, 0, -50], [0, 0, 2.5, 20], [0, 0, 0, 1]])
+    data = np.full((10, 8, 6), 40, np.int16)
+    data[:, :, 3:] = -900
+    nib.save(nib.Nifti1Image(data, affine), str(tmp_path / "src.nii.gz"))
+    out = real_ct_file(tmp_path / "src.nii.gz", tmp_path / "big.nii.gz", (20, 32, 12))
+    img = nib.load(str(out))
+    got = np.asarray(img.dataobj)
+    assert got.shape == (20, 32, 12) and got.dtype == np.int16 and img.header["sform_code"] == 1
+    # the outer edges of both grids lie at the same place: the extent is the source's
+    for corner_old, corner_new in (([-0.5] * 3, [-0.5] * 3), ([9.5, 7.5, 5.5], [19.5, 31.5, 11.5])):
+        assert np.allclose(affine @ [*corner_old, 1], img.affine @ [*corner_new, 1])
+    assert (got[:, :, :5] == 40).all() and (got[:, :, 7:] == -900).all()  # the slab boundary stays in the middle
+
+
+def test_the_monai_pipeline_runs_on_a_file_as_a_script_would(tmp_path: Path) -> None:
+    import nibabel as nib
+
+    from medseg_client.io.studies import read_study, write_phantom
+    from perf.monai_baseline import run_file
+
+    ph = generate(5101, num_slices=40, slice_thickness=5.0)
+    source = write_phantom(ph, tmp_path, "nifti")[0]
+    timings = run_file(source, tmp_path / "out")
+    assert set(timings) == {"setup_s", "load_s", "pipeline_s", "save_s", "file_to_file_s"}
+    (labels_file,) = (tmp_path / "out").glob("*.nii.gz")
+    labels = read_study(labels_file).ct  # on the canonical grid, through its own affine
+    assert labels.shape == ph.ct.shape and int(nib.load(str(labels_file)).get_data_dtype().itemsize) == 1
+    assert dice(labels > 0, ph.labels > 0) >= 0.8
+
+
 def test_readme_update_replaces_only_the_headline_block(tmp_path: Path) -> None:
     report.write(_doc(3.0, 30.0), tmp_path)
     readme = tmp_path / "README.md"
