@@ -51,6 +51,26 @@ def test_seg_frames_hold_the_labels_slice_by_slice(series: Path, small_phantom: 
     assert np.array_equal(liver.astype(bool), small_phantom.labels == SPEC.label("liver").value)
 
 
+def test_seg_segments_follow_the_classes_whatever_their_label_values(series: Path, small_phantom: Phantom,
+                                                                     tmp_path: Path) -> None:
+    """An imported model's classes need not be 1..K: segment n holds the voxels of the n-th class's value."""
+    import dataclasses
+
+    import highdicom as hd
+
+    study = read_study(series)
+    liver, tumor = SPEC.label("liver"), SPEC.label("liver_tumor")
+    labels = np.where(small_phantom.labels == liver.value, 7, np.where(small_phantom.labels == tumor.value, 3, 0))
+    classes = [SPEC.labels[0], dataclasses.replace(liver, value=7), dataclasses.replace(tumor, value=3)]
+    write_seg(tmp_path / "seg.dcm", study.dicom_files, study.to_native(labels.astype(np.uint8)), PROVENANCE,
+              classes=classes)
+    seg = hd.seg.segread(tmp_path / "seg.dcm")
+    uids = [pydicom.dcmread(p).SOPInstanceUID for p in study.dicom_files]
+    masks = seg.get_pixels_by_source_instance(uids, segment_numbers=[1, 2], combine_segments=False)
+    assert np.array_equal(masks[..., 0].astype(bool), labels == 7) and masks[..., 0].any()
+    assert np.array_equal(masks[..., 1].astype(bool), labels == 3)
+
+
 def _enhanced(series: Path, folder: Path) -> int:
     """The series as one enhanced multi-frame CT, its frames out of spatial order, in ``folder``; its frame count."""
     import highdicom as hd
