@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import json
 import shutil
-import statistics
 import subprocess
 import sys
 import time
@@ -25,6 +24,7 @@ import numpy as np
 
 from medseg.paths import REPO_ROOT
 from medseg_client.io.studies import write_phantom
+from perf.report import cmed
 
 REAL_CT = REPO_ROOT / ".cache" / "realct" / "reference_files" / "example_ct.nii.gz"  # `make realct`
 REAL_SHAPE_XYZ = (512, 512, 300)  # a typical abdominal CT's matrix and slice count
@@ -89,10 +89,6 @@ def monai_runs(source: Path, out: Path, repeat: int, device: str = "cpu") -> lis
     return runs
 
 
-def median_of(runs: list[dict[str, float]], key: str) -> float:
-    return float(statistics.median(r[key] for r in runs if key in r))
-
-
 def measure(url: str, files: dict[str, Path], work: Path, repeat: int, monai_repeat: int = 1,
             device: str = "cpu") -> list[dict[str, Any]]:
     """Per study file: medseg's command (one warm-up run first: the server's first study of a size grows its
@@ -110,6 +106,6 @@ def measure(url: str, files: dict[str, Path], work: Path, repeat: int, monai_rep
             "shape_xyz": [int(n) for n in img.shape[:3]],
             "spacing_xyz_mm": [round(float(z), 3) for z in img.header.get_zooms()[:3]],
             "medseg": runs, "monai": monai,
-            "speedup_vs_monai": round(median_of(monai, "file_to_file_s") / median_of(runs, "wall_s"), 2),
+            "speedup_vs_monai": round(cmed(monai, "file_to_file_s") / cmed(runs, "wall_s"), 2),
         })
     return rows
