@@ -201,32 +201,22 @@ def build_engine(onnx_path: Path, out: Path, precision: str, profile_shapes: Pro
     cache_path.write_bytes(bytes(config.get_timing_cache().serialize()))
 
 
-class EngineRunner:
-    """Runs a serialized engine on one padded (1, Z, Y, X) image (the shipped model's whole-volume engine)."""
-
-    def __init__(self, engine_path: Path) -> None:
-        from medseg.model.inference import TensorRTTiles
-
-        _tensorrt()
-        self._tiles = TensorRTTiles(engine_path, SPEC.num_classes)
-
-    def __call__(self, image: np.ndarray) -> np.ndarray:
-        return self._tiles.run(image[None])[0]
-
-
 def gate_engine(engine_path: Path, onnx_path: Path, precision: str, seeds: Sequence[int] = GATE_SEEDS) -> GateResult:
-    """Labels of the engine vs ONNX Runtime on held-out phantoms, through the same pre/postprocessing."""
-    from medseg.model.inference import OnnxSegmenter
+    """Labels of the engine vs ONNX Runtime on held-out phantoms, through the same preprocessing (both give the
+    head's labels and probabilities; the labels on the unpadded model grid are compared)."""
+    from medseg.model.inference import OnnxSegmenter, TensorRTTiles
     from medseg.ops.dali_pipeline import CpuPreprocessor
-    from medseg.ops.postprocess import logits_to_labels
+    from medseg.ops.postprocess import model_grid_labels
     from medseg.synth.phantom import generate
 
-    pre, ort, engine = CpuPreprocessor(), OnnxSegmenter(onnx_path), EngineRunner(engine_path)
+    _tensorrt()
+    pre, ort, engine = CpuPreprocessor(), OnnxSegmenter(onnx_path), TensorRTTiles(engine_path)
     pairs = []
     for seed in seeds:
         ph = generate(seed)
         image, grid = pre(ph.ct, np.asarray(ph.spacing, np.float32))
-        pairs.append((logits_to_labels(ort(image), grid), logits_to_labels(engine(image), grid)))
+        want, got = ort(image), engine(image)
+        pairs.append((model_grid_labels(want[0], want[1], grid), model_grid_labels(got[0], got[1], grid)))
     return accuracy_gate(pairs, precision)
 
 
@@ -238,7 +228,7 @@ def gate_card_engine(engine_path: Path, onnx_path: Path, card: ModelCard, precis
     from medseg.serving.flavors import card_ops
     from medseg.synth.phantom import generate
 
-    ops, ort, engine = card_ops(card), OnnxSegmenter(onnx_path), TensorRTTiles(engine_path, card.num_classes)
+    ops, ort, engine = card_ops(card), OnnxSegmenter(onnx_path), TensorRTTiles(engine_path)
     pairs = []
     for seed in seeds:
         ph = generate(seed, num_slices=64)

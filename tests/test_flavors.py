@@ -96,14 +96,20 @@ def test_torch_segmenter_and_postprocess_steps_agree_with_the_cpu_flavor(study: 
     ct, spacing = study
     padded, grid = preprocess_reference(ct, spacing)  # DALI's output, as test_preprocess shows
     image = {"IMAGE": padded, "GRID": np.asarray(grid, np.int64)}
-    onnx = flavors.segmenter_step(_args(SPEC.segmenter.name, "cpu")).handler({"IMAGE": image["IMAGE"]})["LOGITS"]
-    logits = flavors.segmenter_step(_args(SPEC.segmenter.name, "cuda")).handler(
-        {"IMAGE": torch.from_numpy(image["IMAGE"])})["LOGITS"]
-    # the export's own criterion: logits within 1e-3 of the largest logit, and the same labels
-    assert np.abs(logits.numpy() - onnx).max() <= 1e-3 * np.abs(onnx).max()
-    assert (logits.numpy().argmax(0) == onnx.argmax(0)).mean() >= 0.9999
+    onnx = flavors.segmenter_step(_args(SPEC.segmenter.name, "cpu")).handler({"IMAGE": image["IMAGE"]})
+    torch_out = flavors.segmenter_step(_args(SPEC.segmenter.name, "cuda")).handler(
+        {"IMAGE": torch.from_numpy(image["IMAGE"])})
+    assert list(onnx) == list(torch_out) == [t.name for t in SPEC.segmenter.outputs]
+    for t in SPEC.segmenter.outputs:  # the spec's dtypes, the padded grid
+        assert onnx[t.name].dtype == torch_out[t.name].numpy().dtype == t.numpy_dtype
+        assert onnx[t.name].shape[-3:] == image["IMAGE"].shape[-3:]
+    # the export's own criterion: probabilities within 1e-3, the same labels
+    labels, probabilities = (onnx[t.name] for t in SPEC.segmenter.outputs)
+    got_labels, got_probabilities = (torch_out[t.name].numpy() for t in SPEC.segmenter.outputs)
+    assert np.abs(got_probabilities.astype(np.float32) - probabilities.astype(np.float32)).max() <= 1e-3
+    assert (got_labels == labels).mean() >= 0.9999
 
-    inputs = {"CT": ct, "SPACING": spacing, "LOGITS": onnx, "GRID": image["GRID"]}
+    inputs = {"CT": ct, "SPACING": spacing, **onnx, "GRID": image["GRID"]}
     want = flavors.postprocess_step(_args(SPEC.postprocess.name, "cpu")).handler(inputs)
     got = flavors.postprocess_step(_args(SPEC.postprocess.name, "cuda")).handler(
         {k: torch.from_numpy(np.asarray(v)) for k, v in inputs.items()})

@@ -25,28 +25,33 @@ def test_z_tiles_keep_every_slice_exactly_once(depth: int) -> None:
 
 @pytest.mark.parametrize("array", ["numpy", "torch"])
 def test_tiled_run_equals_a_whole_run_for_a_local_operator(array: str) -> None:
-    def runner(batch: np.ndarray) -> np.ndarray:  # a local (3-slice) operator, like a shallow convnet
+    def runner(batch: np.ndarray) -> tuple[np.ndarray, np.ndarray]:  # a local (3-slice) operator, like a shallow convnet
         assert batch.flags.c_contiguous
         x = batch[:, 0]
         smooth = (np.roll(x, 1, 1) + x + np.roll(x, -1, 1)) / 3
         smooth[:, 0], smooth[:, -1] = x[:, 0], x[:, -1]
-        return np.stack([smooth, -smooth, x], 1)
+        # two outputs as the segmenter's head gives them: (B, Z, Y, X) uint8 and (B, 2, Z, Y, X) float16
+        return (smooth > 0.5).astype(np.uint8), np.stack([smooth, x], 1).astype(np.float16)
 
     rng = np.random.default_rng(1)
     image = rng.random((1, 160, 16, 16)).astype(np.float32)
     if array == "torch":  # the GPU flavors tile torch tensors on their device
         import torch
 
-        def torch_runner(batch: torch.Tensor) -> torch.Tensor:
+        def torch_runner(batch: torch.Tensor) -> tuple[torch.Tensor, ...]:
             assert batch.is_contiguous()
-            return torch.from_numpy(runner(batch.numpy()))
+            return tuple(torch.from_numpy(o) for o in runner(batch.numpy()))
 
-        whole = run_tiled(torch_runner, torch.from_numpy(image), tile_voxels=10**9).numpy()
-        tiled = run_tiled(torch_runner, torch.from_numpy(image), tile_voxels=48 * 16 * 16).numpy()
+        whole = [o.numpy() for o in run_tiled(torch_runner, torch.from_numpy(image), tile_voxels=10**9)]
+        tiled = [o.numpy() for o in run_tiled(torch_runner, torch.from_numpy(image), tile_voxels=48 * 16 * 16)]
     else:
-        whole = run_tiled(runner, image, tile_voxels=10**9)
-        tiled = run_tiled(runner, image, tile_voxels=48 * 16 * 16)
-    np.testing.assert_allclose(tiled, whole)
+        whole = list(run_tiled(runner, image, tile_voxels=10**9))
+        tiled = list(run_tiled(runner, image, tile_voxels=48 * 16 * 16))
+    assert [o.shape for o in tiled] == [(160, 16, 16), (2, 160, 16, 16)]
+    assert [o.dtype for o in tiled] == [np.uint8, np.float16]
+    assert (whole[0] == 1).any() and (whole[0] == 0).any()
+    for t, w in zip(tiled, whole, strict=True):
+        np.testing.assert_array_equal(t, w)
 
 
 @pytest.mark.parametrize(

@@ -1,7 +1,8 @@
 """Nothing reported where it cannot be: the study-level judging (anatomy) and the tumor candidates (lesions).
 
 The network is replaced by logits made from a phantom's ground truth (a "perfect" network) or by logits that
-claim a liver where there is none, so each rule is tested on its own, without a model.
+claim a liver where there is none, through the segmenter's head (``head``: labels and probabilities), so each rule
+is tested on its own, without a model.
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ from export.data import labels_to_model_grid
 from medseg.accuracy.metrics import dice
 from medseg.ops import anatomy
 from medseg.ops.lesions import LIVER, TUMOR, apply_verdicts, judge_candidates
-from medseg.ops.postprocess import IMPLAUSIBLE, MOSTLY_OUT, NOT_CT, NOT_IN_VIEW, OK, REGION, hu_on_model_grid, postprocess
+from medseg.ops.postprocess import IMPLAUSIBLE, MOSTLY_OUT, NOT_CT, NOT_IN_VIEW, OK, REGION, head, hu_on_model_grid, postprocess
 from medseg.paths import WEIGHTS_DIR
 from medseg.synth.phantom import Phantom, generate, noise_volume
 from medseg_client.spec import SPEC, model_grid_shape, padded_shape
@@ -44,7 +45,7 @@ def abdomen() -> Phantom:
 
 def test_a_perfect_network_on_an_abdomen_is_reported_as_it_is(abdomen: Phantom) -> None:
     logits, grid = _truth_logits(abdomen)
-    labels, f = postprocess(logits, grid, abdomen.ct, abdomen.spacing)
+    labels, f = postprocess(*head(logits), grid, abdomen.ct, abdomen.spacing)
     assert f["status"]["code"] == OK and f["status"]["reported"], f["status"]
     assert f["status"]["region"] == "abdomen"
     assert labels.shape == abdomen.ct.shape
@@ -62,7 +63,7 @@ def test_a_perfect_network_on_an_abdomen_is_reported_as_it_is(abdomen: Phantom) 
 def test_a_volume_that_is_not_ct_reports_nothing(abdomen: Phantom) -> None:
     logits, grid = _truth_logits(abdomen)
     mr_like = np.clip(abdomen.ct.astype(np.int32) + 1024, 0, 3000).astype(np.int16)  # no air, no fat in "HU"
-    labels, f = postprocess(logits, grid, mr_like, abdomen.spacing)
+    labels, f = postprocess(*head(logits), grid, mr_like, abdomen.spacing)
     assert f["status"]["code"] == NOT_CT and not f["status"]["reported"]
     assert "not a CT" in f["status"]["reason"]
     assert not labels.any() and not f["liver"]["found"] and f["tumors"] == []
@@ -71,7 +72,7 @@ def test_a_volume_that_is_not_ct_reports_nothing(abdomen: Phantom) -> None:
 def test_noise_reports_nothing() -> None:
     ct, spacing = noise_volume(3)
     grid = model_grid_shape(ct.shape, spacing)
-    labels, f = postprocess(_logits(np.ones(grid, np.uint8)), grid, ct, spacing)
+    labels, f = postprocess(*head(_logits(np.ones(grid, np.uint8))), grid, ct, spacing)
     assert f["status"]["code"] == NOT_CT and "noise" in f["status"]["reason"] and not labels.any()
 
 
@@ -82,7 +83,7 @@ def test_a_liver_claimed_outside_the_trunk_is_refused_by_region(region: str) -> 
     claim = np.zeros(grid, np.uint8)
     hu = hu_on_model_grid(ph.ct, ph.spacing, grid)
     claim[(hu > 0) & (hu < 100)] = LIVER  # "liver" on every soft-tissue voxel
-    labels, f = postprocess(_logits(claim), grid, ph.ct, ph.spacing)
+    labels, f = postprocess(*head(_logits(claim)), grid, ph.ct, ph.spacing)
     assert not f["status"]["reported"] and not labels.any() and f["tumors"] == [], f["status"]
     assert f["status"]["region"] == region
     if region != "neck":  # a neck scan reaches the lungs' apices: refused there for the "liver"'s place, not the region
@@ -95,7 +96,7 @@ def test_a_liver_claimed_on_the_heart_of_a_chest_scan_is_not_reported() -> None:
     hu = hu_on_model_grid(ph.ct, ph.spacing, grid)
     claim = np.zeros(grid, np.uint8)
     claim[(hu > 60) & (hu < 400)] = LIVER  # heart, vessels, muscle: everything that enhances
-    labels, f = postprocess(_logits(claim), grid, ph.ct, ph.spacing)
+    labels, f = postprocess(*head(_logits(claim)), grid, ph.ct, ph.spacing)
     assert not f["status"]["reported"], f["status"]
     assert f["status"]["code"] in (REGION, IMPLAUSIBLE, NOT_IN_VIEW, MOSTLY_OUT)
     assert not labels.any()
@@ -105,7 +106,7 @@ def test_a_liver_mostly_outside_the_scan_is_not_reported() -> None:
     ph = generate(5104, region="liver_tip")
     assert 0 < ph.liver_ml < SPEC.plausibility.liver_min_ml
     logits, grid = _truth_logits(ph)
-    labels, f = postprocess(logits, grid, ph.ct, ph.spacing)
+    labels, f = postprocess(*head(logits), grid, ph.ct, ph.spacing)
     assert f["status"]["code"] in (MOSTLY_OUT, NOT_IN_VIEW), f["status"]
     assert not labels.any()
 
@@ -114,7 +115,7 @@ def test_a_liver_filling_the_body_is_implausible(abdomen: Phantom) -> None:
     grid = model_grid_shape(abdomen.ct.shape, abdomen.spacing)
     hu = hu_on_model_grid(abdomen.ct, abdomen.spacing, grid)
     claim = np.where(hu > -300, LIVER, 0).astype(np.uint8)  # the whole body
-    labels, f = postprocess(_logits(claim), grid, abdomen.ct, abdomen.spacing)
+    labels, f = postprocess(*head(_logits(claim)), grid, abdomen.ct, abdomen.spacing)
     assert f["status"]["code"] == IMPLAUSIBLE and not labels.any(), f["status"]
 
 
@@ -122,7 +123,7 @@ def test_a_liver_on_the_patients_left_is_implausible(abdomen: Phantom) -> None:
     logits, grid = _truth_logits(abdomen)
     mirrored = logits[:, :, :, : grid[2]][:, :, :, ::-1].copy()  # the liver moved to the patient's left
     logits[:, :, :, : grid[2]] = mirrored
-    labels, f = postprocess(logits, grid, abdomen.ct, abdomen.spacing)
+    labels, f = postprocess(*head(logits), grid, abdomen.ct, abdomen.spacing)
     assert not f["status"]["reported"] and not labels.any(), f["status"]
 
 

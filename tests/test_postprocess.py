@@ -9,7 +9,8 @@ from medseg.ops.postprocess import (
     LIVER,
     TUMOR,
     keep_liver_and_its_tumors,
-    logits_to_labels,
+    head,
+    model_grid_labels,
     longest_axial_diameter,
     measure,
     postprocess,
@@ -95,7 +96,7 @@ def test_postprocess_reports_the_grids_and_a_status_even_when_nothing_is_reporte
     logits = np.zeros((SPEC.num_classes, 32, 48, 48), np.float32)
     logits[0] = 1.0
     logits[1, 4:12, 10:30, 10:30] = 5.0
-    labels, findings = postprocess(logits, (20, 40, 40), np.zeros(shape, np.int16), spacing)
+    labels, findings = postprocess(*head(logits), (20, 40, 40), np.zeros(shape, np.int16), spacing)
     assert labels.shape == shape and not labels.any()  # a uniform volume is no CT: nothing is reported
     assert findings["status"]["code"] == "not_ct" and findings["status"]["reason"]
     assert findings["model_grid_zyx"] == [20, 40, 40]
@@ -103,11 +104,15 @@ def test_postprocess_reports_the_grids_and_a_status_even_when_nothing_is_reporte
     assert findings["liver"] == {"found": False, "volume_ml": 0.0} and findings["tumors"] == []
 
 
-def test_logits_of_the_wrong_shape_are_refused() -> None:
-    with pytest.raises(ValueError, match="classes"):
-        logits_to_labels(np.zeros((2, 4, 4, 4), np.float32), (4, 4, 4))
+def test_segmenter_outputs_of_the_wrong_shape_are_refused() -> None:
+    labels, probabilities = np.zeros((4, 4, 4), np.uint8), np.zeros((2, 4, 4, 4), np.float16)
+    with pytest.raises(ValueError, match=r"probabilities \(2, z, y, x\)"):
+        model_grid_labels(labels, np.zeros((3, 4, 4, 4), np.float16), (4, 4, 4))
+    with pytest.raises(ValueError, match="differs from the labels'"):
+        model_grid_labels(labels, np.zeros((2, 4, 4, 8), np.float16), (4, 4, 4))
     with pytest.raises(ValueError, match="exceeds"):
-        logits_to_labels(np.zeros((SPEC.num_classes, 4, 4, 4), np.float32), (8, 4, 4))
+        model_grid_labels(labels, probabilities, (8, 4, 4))
+    assert model_grid_labels(labels, probabilities, (2, 3, 4)).shape == (2, 3, 4)
 
 
 def test_a_speckled_prediction_lists_only_the_largest_tumors_quickly() -> None:
@@ -138,10 +143,29 @@ def test_preview_shows_an_axial_panel_per_tumor_and_a_coronal_panel() -> None:
     assert (pixels[..., 0] > 200).any() and (pixels[..., 1] > 150).any()  # overlay colours are drawn
 
 
-def test_labels_are_numpys_argmax_ties_included() -> None:
+def test_the_heads_labels_are_the_argmax_ties_included_and_its_probabilities_the_softmax() -> None:
     rng = np.random.default_rng(3)
     logits = rng.integers(-2, 3, size=(3, 10, 12, 14)).astype(np.float32)  # many ties
-    assert np.array_equal(logits_to_labels(logits, (9, 11, 13)), np.argmax(logits[:, :9, :11, :13], axis=0))
+    labels, probabilities = head(logits)
+    assert labels.dtype == np.uint8 and probabilities.dtype == np.float16 and probabilities.shape == (2, 10, 12, 14)
+    assert np.array_equal(labels, np.argmax(logits, axis=0))
+    softmax = np.exp(logits) / np.exp(logits).sum(axis=0)
+    np.testing.assert_allclose(probabilities[0], softmax[TUMOR], atol=5e-4)  # float16: 3 significant digits
+    np.testing.assert_allclose(probabilities[1], softmax.max(axis=0), atol=5e-4)
+
+
+def test_the_torch_head_equals_the_numpy_statement_of_it() -> None:
+    import torch
+
+    from medseg.model.head import LabelsAndProbabilities
+
+    logits = np.random.default_rng(4).normal(0, 3, size=(2, 3, 6, 8, 10)).astype(np.float32)
+    logits[:, 1, 0] = logits[:, 0, 0]  # ties go to the lower class in both
+    net = LabelsAndProbabilities(torch.nn.Identity())
+    labels, probabilities = (o.numpy() for o in net(torch.from_numpy(logits)))
+    want = head(logits)
+    assert np.array_equal(labels, want[0])
+    np.testing.assert_allclose(probabilities.astype(np.float32), want[1].astype(np.float32), atol=1e-3)
 
 
 def test_bounding_box_equals_find_objects() -> None:

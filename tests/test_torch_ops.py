@@ -57,32 +57,41 @@ def phantom_case() -> tuple[np.ndarray, tuple[int, int, int], np.ndarray, tuple[
 
 
 def test_torch_postprocessing_equals_numpys_voxel_for_voxel(phantom_case, device: str) -> None:  # type: ignore[no-untyped-def]
-    from medseg.ops.postprocess import findings, postprocess
+    from medseg.ops.postprocess import findings, head, postprocess
 
     logits, grid, ct, spacing = phantom_case
-    want, want_doc = postprocess(logits, grid, ct, spacing)
-    got, verdict = torch_ops.postprocess(torch.from_numpy(logits).to(device), grid, ct, spacing)
+    labels, probabilities = head(logits)
+    want, want_doc = postprocess(labels, probabilities, grid, ct, spacing)
+    volume = torch_ops.DeviceVolume(torch.from_numpy(ct).to(device))
+    got, verdict = torch_ops.postprocess(torch.from_numpy(labels).to(device), torch.from_numpy(probabilities).to(device),
+                                         grid, volume, spacing)
     assert got.dtype == np.uint8 and np.array_equal(got, want)
     assert want_doc["status"]["code"] == "ok" and (want == 2).any() and (want == 1).any()
-    got_doc = findings(got, grid, ct, spacing, verdict)
-    assert got_doc["status"]["code"] == want_doc["status"]["code"]
-    assert got_doc["liver"] == want_doc["liver"] and len(got_doc["tumors"]) == len(want_doc["tumors"])
-    for a, b in zip(got_doc["tumors"], want_doc["tumors"], strict=True):
-        assert a["confidence"] == pytest.approx(b["confidence"], abs=2e-3)
+    assert findings(got, grid, volume, spacing, verdict) == want_doc  # the CT read in boxes on the device
 
 
-def test_torch_softmax_in_a_box_equals_numpys(device: str) -> None:
-    from medseg.ops.postprocess import softmax_box
+def test_a_ct_on_the_device_is_read_as_numpy_reads_it(device: str) -> None:
+    ct = np.random.default_rng(5).integers(-1000, 1000, size=(12, 20, 24)).astype(np.int16)
+    volume = torch_ops.DeviceVolume(torch.from_numpy(ct).to(device))
+    box = (slice(2, 9), slice(0, 20), slice(5, 6))
+    assert volume.shape == ct.shape and np.array_equal(volume[box], ct[box])
+    index = [np.array([0, 3, 3, 11]), np.array([19, 2]), np.arange(0, 24, 5)]
+    assert np.array_equal(volume.gather(index), ct[np.ix_(*index)])
 
-    logits = np.random.default_rng(2).normal(0, 3, size=(3, 10, 12, 14)).astype(np.float32)
+
+def test_torch_probabilities_in_a_box_equal_numpys(device: str) -> None:
+    from medseg.ops.postprocess import head, probabilities_box
+
+    _, probabilities = head(np.random.default_rng(2).normal(0, 3, size=(3, 10, 12, 14)).astype(np.float32))
     box = (slice(2, 8), slice(1, 11), slice(3, 9))
-    got = torch_ops.softmax_box(torch.from_numpy(logits).to(device), box)
-    for g, w in zip(got, softmax_box(logits, box), strict=True):
-        np.testing.assert_allclose(g, w, atol=1e-5)
+    got = torch_ops.probabilities_box(torch.from_numpy(probabilities).to(device), box)
+    for g, w in zip(got, probabilities_box(probabilities, box), strict=True):
+        assert g.dtype == np.float32 and np.array_equal(g, w)
 
 
-def test_torch_postprocessing_refuses_logits_of_the_wrong_shape() -> None:
-    with pytest.raises(ValueError, match="classes=3"):
-        torch_ops.logits_to_labels(torch.zeros(2, 4, 4, 4), (4, 4, 4))
+def test_torch_postprocessing_refuses_segmenter_outputs_of_the_wrong_shape() -> None:
+    volume = torch_ops.DeviceVolume(torch.zeros(4, 4, 4, dtype=torch.int16))
+    with pytest.raises(ValueError, match="probabilities"):
+        torch_ops.postprocess(torch.zeros(4, 4, 4), torch.zeros(3, 4, 4, 4), (4, 4, 4), volume, (1.0, 1.0, 1.0))
     with pytest.raises(ValueError, match="exceeds"):
-        torch_ops.logits_to_labels(torch.zeros(3, 4, 4, 4), (8, 4, 4))
+        torch_ops.postprocess(torch.zeros(4, 4, 4), torch.zeros(2, 4, 4, 4), (8, 4, 4), volume, (1.0, 1.0, 1.0))

@@ -40,7 +40,7 @@ class Tensor:
     """A model input or output as Triton sees it (dims exclude the batch dimension)."""
 
     name: str
-    dtype: str  # Triton data type without the TYPE_ prefix: INT16, FP32, UINT8, INT64, STRING
+    dtype: str  # Triton data type without the TYPE_ prefix: INT16, FP32, FP16, UINT8, INT64, STRING
     dims: tuple[int, ...]
 
     @property
@@ -132,7 +132,7 @@ class Spec:
     preprocess: ModelIO
     segmenter: ModelIO
     postprocess: ModelIO
-    version: str = "1.1.0"
+    version: str = "1.2.0"  # 1.2: the segmenter emits labels and probabilities, no logits
     max_batch_size: int = 1
 
     @property
@@ -152,6 +152,11 @@ class Spec:
         return (d, d, d)
 
 
+# the segmenter's PROBABILITIES channels: the tumor class's softmax probability (a lesion's confidence) and the
+# predicted class's (the organ's confidence); the head computes them from the float32 logits
+PROBABILITY_CHANNELS = ("tumor", "predicted_class")
+
+
 def _build() -> Spec:
     liver = Code("10200004", "SCT", "Liver")
     labels = (
@@ -165,7 +170,10 @@ def _build() -> Spec:
     spacing = Tensor("SPACING", "FP32", (3,))
     image = Tensor("IMAGE", "FP32", (net.in_channels, -1, -1, -1))
     grid = Tensor("GRID", "INT64", (3,))
-    logits = Tensor("LOGITS", "FP32", (len(labels), -1, -1, -1))
+    # what leaves the segmenter (its head fuses the argmax and the softmax): uint8 labels on the padded model grid
+    # and, in float16, the two probabilities the judging reads (PROBABILITY_CHANNELS), a third of float32 logits
+    model_labels = Tensor("MODEL_LABELS", "UINT8", (-1, -1, -1))
+    probabilities = Tensor("PROBABILITIES", "FP16", (len(PROBABILITY_CHANNELS), -1, -1, -1))
     labels_t = Tensor("LABELS", "UINT8", (-1, -1, -1))
     findings = Tensor("FINDINGS", "STRING", (1,))
     return Spec(
@@ -186,8 +194,8 @@ def _build() -> Spec:
         plausibility=Plausibility(),
         ensemble=ModelIO("ct_liver", 1, (ct, spacing), (labels_t, findings)),
         preprocess=ModelIO("ct_preprocess", 1, (ct, spacing), (image, grid)),
-        segmenter=ModelIO("ct_segmenter", 1, (image,), (logits,)),
-        postprocess=ModelIO("ct_postprocess", 1, (ct, spacing, logits, grid), (labels_t, findings)),
+        segmenter=ModelIO("ct_segmenter", 1, (image,), (model_labels, probabilities)),
+        postprocess=ModelIO("ct_postprocess", 1, (ct, spacing, model_labels, probabilities, grid), (labels_t, findings)),
     )
 
 

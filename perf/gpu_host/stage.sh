@@ -22,7 +22,7 @@ W="--no-deps --only-binary=:all: --python-version $PY --implementation cp --plat
 mkdir -p "$T/npx" && (cd "$T/npx" && unzip -q "$T"/np/numpy-*.whl && find numpy -type d -name tests -prune -exec rm -rf {} + && touch numpy/.medseg-126)
 tar -C "$T/npx" -cJf .gpu/numpy126.tar.xz .
 .venv/bin/python -m pip download -q $W -d .gpu/whl tritonclient==2.73.0 python-rapidjson pydicom==3.0.2 \
-  highdicom==0.28.2 nibabel==5.4.2 monai==1.6.1
+  highdicom==0.28.2 nibabel==5.4.2 monai==1.6.1 isal
 xz -9 -c model_repository/ct_segmenter/1/model.onnx > .gpu/model.onnx.xz
 cp model_repository/ct_segmenter/1/provenance.json .gpu/
 xz -9 -c .perf_tools/bin/perf_analyzer > .gpu/perf_analyzer.xz

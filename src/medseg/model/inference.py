@@ -1,7 +1,7 @@
 """Running the segmenter: ONNX Runtime on the CPU, or PyTorch on any device; tiled along z when large.
 
 Tiles are windows of whole (y, x) planes with an overlap; each keeps its central slices, so the
-stitched logits match a whole-volume run away from tile seams and memory stays bounded. The tiling
+stitched outputs match a whole-volume run away from tile seams and memory stays bounded. The tiling
 works on numpy arrays and on torch tensors alike (a GPU flavor's tiles never leave the GPU).
 """
 
@@ -16,7 +16,8 @@ import numpy as np
 from medseg_client.errors import ArtifactError
 from medseg_client.spec import SPEC
 
-Runner = Callable[[Any], Any]  # (1, 1, Z, Y, X) -> (1, C, Z, Y, X), numpy arrays or torch tensors
+# (1, 1, Z, Y, X) -> the network's outputs, each (1, ..., Z, Y, X): numpy arrays or torch tensors
+Runner = Callable[[Any], tuple[Any, ...]]
 
 
 def z_tiles(depth: int, plane: int, tile_voxels: int, overlap: int, divisor: int) -> list[tuple[int, int, int, int]]:
@@ -39,24 +40,29 @@ def z_tiles(depth: int, plane: int, tile_voxels: int, overlap: int, divisor: int
     return tiles
 
 
-def run_tiled(run: Runner, image: Any, tile_voxels: int = SPEC.tile_voxels) -> Any:
-    """(C, Z, Y, X) logits of a padded (1, Z, Y, X) image (numpy array or torch tensor), whole or in z tiles."""
+def run_tiled(run: Runner, image: Any, tile_voxels: int = SPEC.tile_voxels) -> tuple[Any, ...]:
+    """The network's outputs without their batch axis (each (..., Z, Y, X), z third from the end) for a padded
+    (1, Z, Y, X) image (numpy array or torch tensor), run whole or in z tiles stitched along z."""
     _, depth, h, w = image.shape
     tiles = z_tiles(depth, h * w, tile_voxels, SPEC.tile_overlap, SPEC.network.size_divisor)
     if len(tiles) == 1:
-        return run(image[None])[0]
-    shape = (SPEC.num_classes, depth, h, w)
+        return tuple(o[0] for o in run(image[None]))
     is_numpy = isinstance(image, np.ndarray)
-    out = np.empty(shape, np.float32) if is_numpy else image.new_empty(shape)
+    outs: list[Any] = []
     for start, stop, keep_start, keep_stop in tiles:
         tile = image[None, :, start:stop]
-        logits = run(np.ascontiguousarray(tile) if is_numpy else tile.contiguous())[0]
-        out[:, keep_start:keep_stop] = logits[:, keep_start - start : keep_stop - start]
-    return out
+        for k, part in enumerate(run(np.ascontiguousarray(tile) if is_numpy else tile.contiguous())):
+            part = part[0]
+            if len(outs) == k:  # the first tile tells each output's channels and dtype
+                shape = (*part.shape[:-3], depth, h, w)
+                outs.append(np.empty(shape, part.dtype) if is_numpy else part.new_empty(shape))
+            outs[k][..., keep_start:keep_stop, :, :] = part[..., keep_start - start : keep_stop - start, :, :]
+    return tuple(outs)
 
 
 class OnnxSegmenter:
-    """ONNX Runtime session of the exported segmenter; call with a padded (1, Z, Y, X) image."""
+    """ONNX Runtime session of an exported network: ``run`` gives a batch's first output (an imported model's
+    logits); calling it with a padded (1, Z, Y, X) image gives every output (medseg's labels and probabilities)."""
 
     def __init__(self, model_path: Path, threads: int = 0) -> None:
         import onnxruntime as ort
@@ -66,14 +72,18 @@ class OnnxSegmenter:
         opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
         self._session = ort.InferenceSession(str(model_path), opts, providers=["CPUExecutionProvider"])
         self._input = self._session.get_inputs()[0].name
-        self._output = self._session.get_outputs()[0].name
+        self.output_names = [o.name for o in self._session.get_outputs()]
 
     def run(self, batch: np.ndarray) -> np.ndarray:
-        """(1, C, Z, Y, X) logits of one (1, 1, Z, Y, X) batch."""
-        return self._session.run([self._output], {self._input: batch})[0]  # type: ignore[no-any-return]
+        """The first output (e.g. (B, C, Z, Y, X) logits) of one (B, 1, Z, Y, X) batch."""
+        return self._session.run(self.output_names[:1], {self._input: batch})[0]  # type: ignore[no-any-return]
 
-    def __call__(self, image: np.ndarray) -> np.ndarray:
-        return run_tiled(self.run, image)
+    def run_all(self, batch: np.ndarray) -> tuple[np.ndarray, ...]:
+        """Every output of one batch, in the graph's order."""
+        return tuple(self._session.run(self.output_names, {self._input: batch}))
+
+    def __call__(self, image: np.ndarray) -> tuple[np.ndarray, ...]:
+        return run_tiled(self.run_all, image)
 
 
 class TorchScriptTiles:
@@ -95,10 +105,11 @@ class TorchScriptTiles:
 
 
 class TensorRTTiles:
-    """A serialized TensorRT engine of a tile network (input IMAGE, output LOGITS, a dynamic batch) on a GPU: a batch
-    (B, C, *tile) in numpy, its logits (B, K, *tile) back in numpy; device buffers held by PyTorch."""
+    """A serialized TensorRT engine (input IMAGE, a dynamic batch) on a GPU, device buffers held by PyTorch: ``run``
+    gives a batch's first output (an imported tile network's (B, K, *tile) logits), ``run_all`` every output in the
+    engine's order with the engine's dtypes (the shipped model's labels and probabilities), both in numpy."""
 
-    def __init__(self, path: Path, num_classes: int, device: str = "cuda:0") -> None:
+    def __init__(self, path: Path, device: str = "cuda:0") -> None:
         import torch
 
         try:
@@ -113,47 +124,62 @@ class TensorRTTiles:
             raise ArtifactError(f"{path}: TensorRT cannot load this engine (built by another TensorRT version or for "
                                 "another GPU? rebuild it here)")
         self._context = self._engine.create_execution_context()
-        self._classes = num_classes
+        names = [self._engine.get_tensor_name(i) for i in range(self._engine.num_io_tensors)]
+        self._input = next(n for n in names if self._engine.get_tensor_mode(n) == trt.TensorIOMode.INPUT)
+        dtypes = {trt.float32: torch.float32, trt.float16: torch.float16, trt.uint8: torch.uint8,
+                  trt.int8: torch.int8, trt.int32: torch.int32, trt.bool: torch.bool}
+        self._outputs = [(n, dtypes[self._engine.get_tensor_dtype(n)]) for n in names
+                         if self._engine.get_tensor_mode(n) == trt.TensorIOMode.OUTPUT]
         self.device = torch.device(device)
 
-    def run(self, batch: np.ndarray) -> np.ndarray:
+    def run_all(self, batch: np.ndarray) -> tuple[np.ndarray, ...]:
         import torch
 
         x = torch.from_numpy(np.ascontiguousarray(batch, np.float32)).to(self.device)
-        y = torch.empty((x.shape[0], self._classes, *x.shape[2:]), dtype=torch.float32, device=self.device)
-        self._context.set_input_shape("IMAGE", tuple(x.shape))
-        self._context.set_tensor_address("IMAGE", int(x.data_ptr()))
-        self._context.set_tensor_address("LOGITS", int(y.data_ptr()))
+        self._context.set_input_shape(self._input, tuple(x.shape))
+        self._context.set_tensor_address(self._input, int(x.data_ptr()))
+        outputs = []
+        for name, dtype in self._outputs:
+            y = torch.empty(tuple(self._context.get_tensor_shape(name)), dtype=dtype, device=self.device)
+            self._context.set_tensor_address(name, int(y.data_ptr()))
+            outputs.append(y)
         stream = torch.cuda.current_stream(self.device)
         if not self._context.execute_async_v3(stream.cuda_stream):
             raise ArtifactError("TensorRT execution failed")
         stream.synchronize()
-        return y.cpu().numpy()  # type: ignore[no-any-return]
+        return tuple(y.cpu().numpy() for y in outputs)
+
+    def run(self, batch: np.ndarray) -> np.ndarray:
+        return self.run_all(batch)[0]
+
+    def __call__(self, image: np.ndarray) -> tuple[np.ndarray, ...]:
+        return run_tiled(self.run_all, image, tile_voxels=10**12)  # one engine call: its profile bounds the grid
 
 
 class TorchSegmenter:
-    """The shipped weights in PyTorch on ``device`` (FP16 autocast on a GPU); call with a padded (1, Z, Y, X) tensor."""
+    """The shipped network with its head (``medseg.model.head``) in PyTorch on ``device`` (FP16 autocast on a GPU);
+    call with a padded (1, Z, Y, X) tensor for (labels, probabilities) on the device."""
 
     def __init__(self, device: str = "cpu", precision: str = "fp16") -> None:
         import torch
 
-        from medseg.model.network import load_network
+        from medseg.model.head import load_segmenter
 
         if precision not in ("fp16", "fp32"):
             raise ValueError(f"precision must be fp16 or fp32, got {precision!r}")
         self.device = torch.device(device)
-        self._model = load_network().to(self.device)
+        self._model = load_segmenter().to(self.device)
         self._half = precision == "fp16" and self.device.type == "cuda"  # CPU convolutions stay in fp32
         if self.device.type == "cuda":  # the same study twice gives the same labels: no autotuned or atomic kernels
             torch.backends.cudnn.benchmark = False
             torch.backends.cudnn.deterministic = True
 
-    def run(self, batch: Any) -> Any:
-        """(1, C, Z, Y, X) float32 logits of one (1, 1, Z, Y, X) batch, on the device."""
+    def run(self, batch: Any) -> tuple[Any, Any]:
+        """(1, Z, Y, X) uint8 labels and (1, 2, Z, Y, X) float16 probabilities of one (1, 1, Z, Y, X) batch."""
         import torch
 
         with torch.inference_mode(), torch.autocast(self.device.type, dtype=torch.float16, enabled=self._half):
-            return self._model(batch.to(self.device)).float()
+            return self._model(batch.to(self.device))  # type: ignore[no-any-return]
 
-    def __call__(self, image: Any) -> Any:
+    def __call__(self, image: Any) -> tuple[Any, ...]:
         return run_tiled(self.run, image)

@@ -51,5 +51,5 @@ class ReferencePipeline:
     def __call__(self, ct: np.ndarray, spacing: tuple[float, float, float]) -> tuple[np.ndarray, dict[str, Any]]:
         check_study(ct.shape, ct.dtype, spacing)
         image, grid = self.preprocess(ct, np.asarray(spacing, np.float32))
-        logits = self.segmenter(image)
-        return postprocess(logits, grid, ct, spacing)
+        labels, probabilities = self.segmenter(image)
+        return postprocess(labels, probabilities, grid, ct, spacing)

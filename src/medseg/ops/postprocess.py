@@ -1,12 +1,13 @@
-"""Postprocessing math: logits -> clean labels on the study's own grid -> findings, and nothing that cannot be right.
+"""Postprocessing math: the segmenter's labels -> clean labels on the study's own grid -> findings, and nothing that
+cannot be right.
 
-On the model grid: argmax; then the study is judged (``judge``): is it a CT, which body regions does it show,
-is there a plausible liver in view (``medseg.ops.anatomy``)? Only then the largest liver component (liver and
-tumor voxels together, the cavities it encloses filled) is kept and each tumor candidate is judged
-(``medseg.ops.lesions``: confidence, strips along the surface, contrast). Labels go back to the input grid
-(nearest, same centred-grid convention as the preprocessing), where the findings are measured at the
-study's resolution. The findings open with a study-level ``status``: what was reported and, where nothing
-was, why; the labels hold nothing it denies.
+On the model grid: the segmenter's labels (its head fused the argmax) and probabilities; then the study is judged
+(``judge``): is it a CT, which body regions does it show, is there a plausible liver in view
+(``medseg.ops.anatomy``)? Only then the largest liver component (liver and tumor voxels together, the cavities it
+encloses filled) is kept and each tumor candidate is judged (``medseg.ops.lesions``: confidence, strips along the
+surface, contrast). Labels go back to the input grid (nearest, same centred-grid convention as the preprocessing),
+where the findings are measured at the study's resolution. The findings open with a study-level ``status``: what
+was reported and, where nothing was, why; the labels hold nothing it denies.
 """
 
 from __future__ import annotations
@@ -21,28 +22,40 @@ from scipy import ndimage
 from medseg.ops.anatomy import not_a_ct, scan_regions
 from medseg.ops.lesions import Candidate, apply_verdicts, judge_candidates
 from medseg.ops.preprocess import source_coordinate, source_coordinates, target_indices
-from medseg_client.spec import LIVER, SPEC, TUMOR, Label
+from medseg_client.spec import LIVER, PROBABILITY_CHANNELS, SPEC, TUMOR, Label
 
 _FULL = np.ones((3, 3, 3), bool)  # 26-connectivity
 
 
-def logits_to_labels(logits: np.ndarray, grid: Sequence[int]) -> np.ndarray:
-    """Argmax over classes of (C, Z, Y, X) logits, cropped to the unpadded model grid (uint8)."""
-    if logits.ndim != 4 or logits.shape[0] != SPEC.num_classes:
-        raise ValueError(f"logits must be (classes={SPEC.num_classes}, z, y, x), got shape {logits.shape}")
+def head(logits: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """The segmenter's head (``medseg.model.head``) in numpy, for logits of any leading batch shape (..., C, Z, Y, X):
+    uint8 argmax labels (ties to the lower class) and float16 (tumor, predicted-class) probabilities."""
+    x = np.asarray(logits, np.float32)
+    shifted = np.exp(x - x.max(axis=-4, keepdims=True))
+    total = shifted.sum(axis=-4)
+    probabilities = np.stack([shifted[..., TUMOR, :, :, :] / total, 1.0 / total], axis=-4).astype(np.float16)
+    return np.argmax(x, axis=-4).astype(np.uint8), probabilities
+
+
+def check_segmenter_outputs(labels: Any, probabilities: Any, grid: Sequence[int]) -> None:
+    """Refuse segmenter outputs (numpy arrays or torch tensors) that do not fit each other or the model grid."""
+    n = len(PROBABILITY_CHANNELS)
+    if labels.ndim != 3 or probabilities.ndim != 4 or probabilities.shape[0] != n:
+        raise ValueError(f"segmenter outputs must be labels (z, y, x) and probabilities ({n}, z, y, x), got shapes "
+                         f"{tuple(labels.shape)} and {tuple(probabilities.shape)}")
+    if tuple(probabilities.shape[1:]) != tuple(labels.shape):
+        raise ValueError(f"probabilities' grid {tuple(probabilities.shape[1:])} differs from the labels' "
+                         f"{tuple(labels.shape)}")
+    if any(int(g) > n_out for g, n_out in zip(grid, labels.shape, strict=True)):
+        raise ValueError(f"model grid {tuple(int(g) for g in grid)} exceeds the segmenter's output grid "
+                         f"{tuple(labels.shape)}")
+
+
+def model_grid_labels(labels: np.ndarray, probabilities: np.ndarray, grid: Sequence[int]) -> np.ndarray:
+    """The segmenter's labels on the unpadded model grid (a view), after checking both outputs' shapes."""
+    check_segmenter_outputs(labels, probabilities, grid)
     z, y, x = (int(g) for g in grid)
-    if z > logits.shape[1] or y > logits.shape[2] or x > logits.shape[3]:
-        raise ValueError(f"model grid {tuple(grid)} exceeds the logits' spatial shape {logits.shape[1:]}")
-    cropped = logits[:, :z, :y, :x]
-    # class by class comparison: as np.argmax (ties go to the lower class), without its strided pass (~40% faster)
-    labels = np.zeros((z, y, x), np.uint8)
-    best = cropped[0].copy()
-    better = np.empty((z, y, x), bool)
-    for c in range(1, cropped.shape[0]):
-        np.greater(cropped[c], best, out=better)
-        np.copyto(labels, np.uint8(c), where=better)
-        np.maximum(best, cropped[c], out=best)
-    return labels
+    return labels[:z, :y, :x]
 
 
 def keep_liver_and_its_tumors(labels: np.ndarray) -> np.ndarray:
@@ -144,10 +157,11 @@ def bounding_box(mask: np.ndarray, z_offset: int = 0) -> tuple[slice, slice, sli
     return slice(z_offset + z[0], z_offset + z[-1] + 1), slice(y[0], y[-1] + 1), slice(x[0], x[-1] + 1)
 
 
-def measure(labels: np.ndarray, ct: np.ndarray, spacing: Sequence[float],
+def measure(labels: np.ndarray, ct: Any, spacing: Sequence[float],
             confidence_of: Callable[[np.ndarray], float | None] | None = None) -> dict[str, Any]:
     """Findings on the study's grid: liver volume and, per tumor, volume, diameter, centroid, box, mean HU and
-    (given ``confidence_of``, which maps a tumor's (n, 3) study voxels to its confidence) the confidence."""
+    (given ``confidence_of``, which maps a tumor's (n, 3) study voxels to its confidence) the confidence. ``ct`` is
+    read by boxes only (``ct[box]``): a numpy array, or a volume on a device that copies just those boxes."""
     voxel_ml = float(np.prod([float(s) for s in spacing])) / 1000.0
     result: dict[str, Any] = {
         "liver": {"found": False, "volume_ml": 0.0},
@@ -198,9 +212,11 @@ def measure(labels: np.ndarray, ct: np.ndarray, spacing: Sequence[float],
 
 class ModelGridHU:
     """The study's HU at the centres of the model grid's voxels (nearest), sampled only where it is read: the
-    judging reads a sparse lattice for the regions and the organ's box for the lesions, never the whole grid."""
+    judging reads a sparse lattice for the regions and the organ's box for the lesions, never the whole grid.
+    ``ct`` is a numpy array or any volume with ``shape`` and ``gather(index per axis)`` (the GPU flavors' CT
+    stays on its device: ``medseg.ops.torch_ops.DeviceVolume``)."""
 
-    def __init__(self, ct: np.ndarray, spacing: Sequence[float], grid: Sequence[int]) -> None:
+    def __init__(self, ct: Any, spacing: Sequence[float], grid: Sequence[int]) -> None:
         self.ct = ct
         self.shape = tuple(int(g) for g in grid)
         self.index = [np.floor(source_coordinates(self.shape[a], SPEC.model_spacing[a] / float(spacing[a]),
@@ -209,7 +225,8 @@ class ModelGridHU:
     def __getitem__(self, box: slice | tuple[slice, ...]) -> np.ndarray:
         box = box if isinstance(box, tuple) else (box,)
         box = box + (slice(None),) * (3 - len(box))
-        return self.ct[np.ix_(*(i[b] for i, b in zip(self.index, box, strict=True)))]
+        index = [i[b] for i, b in zip(self.index, box, strict=True)]
+        return self.ct[np.ix_(*index)] if isinstance(self.ct, np.ndarray) else self.ct.gather(index)
 
 
 def hu_on_model_grid(ct: np.ndarray, spacing: Sequence[float], grid: Sequence[int]) -> np.ndarray:
@@ -217,14 +234,12 @@ def hu_on_model_grid(ct: np.ndarray, spacing: Sequence[float], grid: Sequence[in
     return ModelGridHU(ct, spacing, grid)[:]
 
 
-def softmax_box(logits: np.ndarray, box: tuple[slice, slice, slice]) -> tuple[np.ndarray, np.ndarray]:
-    """(tumor probability, probability of the predicted class) of (C, Z, Y, X) logits inside ``box`` (float32)."""
+def probabilities_box(probabilities: np.ndarray, box: tuple[slice, slice, slice]) -> tuple[np.ndarray, np.ndarray]:
+    """(tumor probability, probability of the predicted class) inside ``box``, float32, from the segmenter's
+    float16 probabilities."""
     all_channels_box = (slice(None), *box)  # every channel, then the box (a name: 3.10 has no x[a, *b])
-    x = logits[all_channels_box].astype(np.float32)
-    x = x - x.max(axis=0, keepdims=True)
-    np.exp(x, out=x)
-    x /= x.sum(axis=0, keepdims=True)
-    return x[TUMOR], x.max(axis=0)
+    p = probabilities[all_channels_box].astype(np.float32)
+    return p[0], p[1]
 
 
 # status codes of a study: "ok" reports the liver and its tumors; every other code reports nothing
@@ -370,17 +385,17 @@ def _candidates_document(verdict: Verdict, input_shape: Sequence[int], spacing: 
     return out
 
 
-def postprocess(
-    logits: np.ndarray, grid: Sequence[int], ct: np.ndarray, spacing: Sequence[float]
-) -> tuple[np.ndarray, dict[str, Any]]:
-    """The whole postprocessing: (labels on the study's grid, findings)."""
-    labels = logits_to_labels(logits, grid)
-    verdict = judge(labels, ModelGridHU(ct, spacing, grid), lambda box: softmax_box(logits, box))
+def postprocess(labels: np.ndarray, probabilities: np.ndarray, grid: Sequence[int], ct: np.ndarray,
+                spacing: Sequence[float]) -> tuple[np.ndarray, dict[str, Any]]:
+    """The whole postprocessing of the segmenter's (labels, probabilities) on the padded model grid: (labels on the
+    study's grid, findings)."""
+    labels = model_grid_labels(labels, probabilities, grid)
+    verdict = judge(labels, ModelGridHU(ct, spacing, grid), lambda box: probabilities_box(probabilities, box))
     full = to_input_grid(verdict.labels, ct.shape, spacing)
     return full, findings(full, grid, ct, spacing, verdict)
 
 
-def findings(labels: np.ndarray, grid: Sequence[int], ct: np.ndarray, spacing: Sequence[float],
+def findings(labels: np.ndarray, grid: Sequence[int], ct: Any, spacing: Sequence[float],
              verdict: Verdict) -> dict[str, Any]:
     """The findings document of labels already on the study's grid (every flavor measures them here)."""
     doc: dict[str, Any] = {"status": verdict.status}

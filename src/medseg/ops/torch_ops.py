@@ -2,9 +2,10 @@
 
 Same centred-grid convention as ``medseg.ops.preprocess`` (whose coordinate functions it reuses), so a
 GPU flavor agrees with DALI and with the numpy reference; tested against both. In the postprocessing the
-argmax, the probabilities and the labels' way back to the study's grid stay on the device; the judging
+segmenter's outputs, the CT and the labels' way back to the study's grid stay on the device; the judging
 (``medseg.ops.postprocess.judge``: regions, plausibility, connected components, lesion checks) runs on the host
-on the small model grid, and the findings are measured from the uint8 labels by ``medseg.ops.postprocess``.
+on the small model grid, and the findings are measured from the uint8 labels by ``medseg.ops.postprocess``,
+reading the CT only in the tumors' boxes.
 """
 
 from __future__ import annotations
@@ -63,35 +64,49 @@ def to_input_grid(labels: Any, input_shape: Sequence[int], spacing: Sequence[flo
     return out
 
 
-def logits_to_labels(logits: Any, grid: Sequence[int]) -> Any:
-    """Argmax over classes of (C, Z, Y, X) logits, cropped to the unpadded model grid (uint8, on the device)."""
-    import torch
+class DeviceVolume:
+    """A study's CT left where it is (a torch tensor, on a GPU in the GPU flavors): the postprocessing reads it
+    through ``ModelGridHU`` (``gather``: the sparse lattice and the organ's box) and ``measure`` (``[box]``: each
+    tumor's box), so only those voxels cross to the host, never the whole study."""
 
-    if logits.ndim != 4 or logits.shape[0] != SPEC.num_classes:
-        raise ValueError(f"logits must be (classes={SPEC.num_classes}, z, y, x), got shape {tuple(logits.shape)}")
-    z, y, x = (int(g) for g in grid)
-    if z > logits.shape[1] or y > logits.shape[2] or x > logits.shape[3]:
-        raise ValueError(f"model grid {tuple(grid)} exceeds the logits' spatial shape {tuple(logits.shape[1:])}")
-    return logits[:, :z, :y, :x].argmax(dim=0).to(torch.uint8)
+    def __init__(self, ct: Any) -> None:
+        self.ct = ct
+        self.shape = tuple(int(n) for n in ct.shape)
+
+    def gather(self, index: Sequence[np.ndarray]) -> np.ndarray:
+        """The voxels at the outer product of one index array per axis (as ``ct[np.ix_(*index)]``)."""
+        import torch
+
+        out = self.ct
+        for axis, i in enumerate(index):
+            out = out.index_select(axis, torch.as_tensor(np.asarray(i, np.int64), device=out.device))
+        return out.cpu().numpy()  # type: ignore[no-any-return]
+
+    def __getitem__(self, box: tuple[slice, ...]) -> np.ndarray:
+        return self.ct[box].cpu().numpy()  # type: ignore[no-any-return]
 
 
-def softmax_box(logits: Any, box: tuple[slice, slice, slice]) -> tuple[np.ndarray, np.ndarray]:
-    """(tumor probability, probability of the predicted class) of (C, Z, Y, X) logits inside ``box``, computed on
-    the device, returned to the host (float32): only the organ's box travels."""
+def probabilities_box(probabilities: Any, box: tuple[slice, slice, slice]) -> tuple[np.ndarray, np.ndarray]:
+    """(tumor probability, probability of the predicted class) inside ``box`` of the segmenter's (2, Z, Y, X) float16
+    probabilities on the device, as float32 on the host: only the organ's box travels."""
     all_channels_box = (slice(None), *box)  # every channel, then the box (a name: 3.10 has no x[a, *b])
-    p = logits[all_channels_box].float().softmax(dim=0)
-    return p[SPEC.label("liver_tumor").value].cpu().numpy(), p.max(dim=0).values.cpu().numpy()
+    p = probabilities[all_channels_box].float().cpu().numpy()
+    return p[0], p[1]
 
 
-def postprocess(logits: Any, grid: Sequence[int], ct: np.ndarray, spacing: Sequence[float]) -> tuple[np.ndarray, Any]:
-    """The postprocessing with the heavy arrays on the device: argmax and the probabilities there, the judging
-    (``medseg.ops.postprocess.judge``, on the small model grid) on the host, labels back onto the study's grid on
-    the device; returns (uint8 labels on the study's grid on the host, the verdict)."""
+def postprocess(labels: Any, probabilities: Any, grid: Sequence[int], ct: DeviceVolume,
+                spacing: Sequence[float]) -> tuple[np.ndarray, Any]:
+    """The postprocessing of the segmenter's outputs where they are (tensors on the device): the labels on the
+    model grid (uint8, small) and the organ's box of the probabilities cross to the host for the judging
+    (``medseg.ops.postprocess.judge``); the CT is read only where the judging looks; the labels go back onto the
+    study's grid on the device. Returns (uint8 labels on the study's grid on the host, the verdict)."""
     import torch
 
-    from medseg.ops.postprocess import ModelGridHU, judge
+    from medseg.ops.postprocess import ModelGridHU, check_segmenter_outputs, judge
 
-    labels = logits_to_labels(logits, grid).cpu().numpy()
-    verdict = judge(labels, ModelGridHU(ct, spacing, grid), lambda box: softmax_box(logits, box))
-    full = to_input_grid(torch.from_numpy(verdict.labels).to(logits.device), ct.shape, spacing)
+    check_segmenter_outputs(labels, probabilities, grid)
+    z, y, x = (int(g) for g in grid)
+    verdict = judge(labels[:z, :y, :x].cpu().numpy(), ModelGridHU(ct, spacing, grid),
+                    lambda box: probabilities_box(probabilities, box))
+    full = to_input_grid(torch.from_numpy(verdict.labels).to(labels.device), ct.shape, spacing)
     return full.cpu().numpy(), verdict

@@ -126,18 +126,27 @@ def _onnxruntime_segmenter(args: dict[str, Any], params: dict[str, str], device:
 
     version_dir = Path(args["model_repository"]) / args["model_version"]
     segmenter = OnnxSegmenter(version_dir / params["onnx_file"], threads=int(params.get("intra_op_threads", "0")))
-    return Step(lambda t: {"LOGITS": segmenter(t["IMAGE"])}, NUMPY, "onnxruntime", "cpu")
+    return Step(lambda t: _named_outputs(segmenter(t["IMAGE"])), NUMPY, "onnxruntime", "cpu")
 
 
 def _torch_segmenter(args: dict[str, Any], params: dict[str, str], device: str) -> Step:
     from medseg.model.inference import TorchSegmenter
 
     segmenter = TorchSegmenter(device, params.get("precision", "fp16"))
-    return Step(lambda t: {"LOGITS": segmenter(t["IMAGE"].to(device))}, TorchTensors(), "torch", device)
+    return Step(lambda t: _named_outputs(segmenter(t["IMAGE"].to(device))), TorchTensors(), "torch", device)
+
+
+def _named_outputs(outputs: tuple[Any, ...]) -> dict[str, Any]:
+    """The segmenter's outputs by the spec's names (the network's head gives them in that order)."""
+    names = [o.name for o in SPEC.segmenter.outputs]
+    if len(outputs) != len(names):
+        raise ArtifactError(f"{SPEC.segmenter.name}: the network gives {len(outputs)} outputs, the spec names "
+                            f"{len(names)} ({', '.join(names)}): export the model again (make artifacts)")
+    return dict(zip(names, outputs, strict=True))
 
 
 def segmenter_step(args: dict[str, Any]) -> Step:
-    """ct_segmenter: logits of the padded image, in z tiles when large."""
+    """ct_segmenter: the padded image's labels and probabilities (the network's head), in z tiles when large."""
     return _engine(args, SPEC.segmenter.name, {"onnxruntime": _onnxruntime_segmenter, "torch": _torch_segmenter})
 
 
@@ -156,7 +165,7 @@ def _numpy_postprocess(args: dict[str, Any], params: dict[str, str], device: str
 
     def run(t: dict[str, Any]) -> dict[str, Any]:
         t0 = time.perf_counter()
-        labels, doc = postprocess(t["LOGITS"], t["GRID"], t["CT"], t["SPACING"])
+        labels, doc = postprocess(t["MODEL_LABELS"], t["PROBABILITIES"], t["GRID"], t["CT"], t["SPACING"])
         return {"LABELS": labels, "FINDINGS": json_tensor(_stamped(doc, provenance, t0))}
 
     return Step(run, NUMPY, "numpy", device)
@@ -170,9 +179,11 @@ def _torch_postprocess(args: dict[str, Any], params: dict[str, str], device: str
 
     def run(t: dict[str, Any]) -> dict[str, Any]:
         t0 = time.perf_counter()
-        grid, ct, spacing = (t[k].cpu().numpy() for k in ("GRID", "CT", "SPACING"))
-        # argmax, probabilities and the way back to the study's grid on the device; the judging on the host
-        labels, verdict = torch_ops.postprocess(t["LOGITS"].to(device), grid, ct, spacing)
+        grid, spacing = (t[k].cpu().numpy() for k in ("GRID", "SPACING"))
+        ct = torch_ops.DeviceVolume(t["CT"])  # read in boxes where Triton put it (host or GPU), never copied whole
+        # the segmenter's outputs and the way back to the study's grid on the device; the judging on the host
+        labels, verdict = torch_ops.postprocess(t["MODEL_LABELS"].to(device), t["PROBABILITIES"].to(device), grid,
+                                                ct, spacing)
         doc = findings(labels, grid, ct, spacing, verdict)
         return {"LABELS": labels, "FINDINGS": json_tensor(_stamped(doc, provenance, t0))}
 
@@ -245,7 +256,7 @@ def _card_segmenter(card: ModelCard, args: dict[str, Any], params: dict[str, str
             raise ArtifactError(f"{path}: no TorchScript network (import the model again with this medseg version)")
         predict = TorchScriptTiles(path, device).run
     elif engine == "tensorrt":
-        predict = TensorRTTiles(version_dir / params.get("plan_file", "model.plan"), card.num_classes, device).run
+        predict = TensorRTTiles(version_dir / params.get("plan_file", "model.plan"), device).run
     else:
         raise ArtifactError(f"{args['model_name']}: parameter engine must be onnxruntime, torchscript or tensorrt, "
                             f"got {engine!r}")
