@@ -206,3 +206,19 @@ def test_readmes_imported_model_table_is_a_measured_one() -> None:
     readme = report.headline_block((REPO_ROOT / "README.md").read_text(), BEGIN, END)
     reports = [report.headline_block(p.read_text(), BEGIN, END) for p in (REPO_ROOT / "perf" / "results").glob("*/imported.md")]
     assert readme in reports, "README's imported-model table differs from every perf/results/*/imported.md: run `make bench`"
+
+
+def test_the_segmenter_variants_are_timed_and_checked_against_eager(tmp_path: Path) -> None:
+    """The GPU check's knobs (channels-last here; torch.compile on the GPU) run on torch's CPU device through the
+    same harness, give eager's labels, and an unknown knob is a row that says why, not a crash."""
+    from perf import segmenter_variants as sv
+
+    doc = sv.measure("cpu", slices=12, repeat=1, budget_s=600.0,
+                     variants=(("contiguous", "no"), ("channels_last", "no"), ("sideways", "no")))
+    fast, last, bad = doc["rows"]
+    assert fast["ms"] > 0 and fast["label_agreement"] == 1.0 and fast["max_probability_diff"] == 0.0
+    assert last["label_agreement"] >= 0.9999 and last["max_probability_diff"] <= 1e-3
+    assert "memory_format must be one of" in bad["failed"]
+    md = sv.markdown(doc)
+    assert "| channels_last | no |" in md and "x1.00" in md
+    assert sv.parse_variants("channels_last:default,contiguous:no") == (("channels_last", "default"), ("contiguous", "no"))

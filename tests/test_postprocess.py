@@ -8,11 +8,11 @@ import pytest
 from medseg.ops.postprocess import (
     LIVER,
     TUMOR,
-    keep_liver_and_its_tumors,
     head,
-    model_grid_labels,
+    keep_liver_and_its_tumors,
     longest_axial_diameter,
     measure,
+    model_grid_labels,
     postprocess,
     to_input_grid,
 )

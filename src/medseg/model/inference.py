@@ -156,19 +156,32 @@ class TensorRTTiles:
         return run_tiled(self.run_all, image, tile_voxels=10**12)  # one engine call: its profile bounds the grid
 
 
+COMPILE_MODES = ("no", "default", "reduce-overhead", "max-autotune")  # torch.compile's; reduce-overhead: CUDA graphs
+MEMORY_FORMATS = ("contiguous", "channels_last")
+
+
 class TorchSegmenter:
     """The shipped network with its head (``medseg.model.head``) in PyTorch on ``device`` (FP16 autocast on a GPU);
-    call with a padded (1, Z, Y, X) tensor for (labels, probabilities) on the device."""
+    call with a padded (1, Z, Y, X) tensor for (labels, probabilities) on the device. ``memory_format`` and
+    ``compile`` (a ``torch.compile`` mode, dynamic shapes) are the cuda flavor's knobs: kept only where they measure
+    faster on the GPU (``python -m perf.segmenter_variants``); the defaults are eager and contiguous."""
 
-    def __init__(self, device: str = "cpu", precision: str = "fp16") -> None:
+    def __init__(self, device: str = "cpu", precision: str = "fp16", memory_format: str = "contiguous",
+                 compile: str = "no") -> None:
         import torch
 
         from medseg.model.head import load_segmenter
 
         if precision not in ("fp16", "fp32"):
             raise ValueError(f"precision must be fp16 or fp32, got {precision!r}")
+        if memory_format not in MEMORY_FORMATS:
+            raise ValueError(f"memory_format must be one of {', '.join(MEMORY_FORMATS)}, got {memory_format!r}")
+        if compile not in COMPILE_MODES:
+            raise ValueError(f"compile must be one of {', '.join(COMPILE_MODES)}, got {compile!r}")
         self.device = torch.device(device)
-        self._model = load_segmenter().to(self.device)
+        self._format = torch.channels_last_3d if memory_format == "channels_last" else torch.contiguous_format
+        model = load_segmenter().to(self.device, memory_format=self._format)  # type: ignore[call-overload]
+        self._model = model if compile == "no" else torch.compile(model, mode=compile, dynamic=True)
         self._half = precision == "fp16" and self.device.type == "cuda"  # CPU convolutions stay in fp32
         if self.device.type == "cuda":  # the same study twice gives the same labels: no autotuned or atomic kernels
             torch.backends.cudnn.benchmark = False
@@ -179,7 +192,8 @@ class TorchSegmenter:
         import torch
 
         with torch.inference_mode(), torch.autocast(self.device.type, dtype=torch.float16, enabled=self._half):
-            return self._model(batch.to(self.device))  # type: ignore[no-any-return]
+            labels, probabilities = self._model(batch.to(self.device, memory_format=self._format))
+        return labels.contiguous(), probabilities.contiguous()
 
     def __call__(self, image: Any) -> tuple[Any, ...]:
         return run_tiled(self.run, image)

@@ -132,7 +132,8 @@ def _onnxruntime_segmenter(args: dict[str, Any], params: dict[str, str], device:
 def _torch_segmenter(args: dict[str, Any], params: dict[str, str], device: str) -> Step:
     from medseg.model.inference import TorchSegmenter
 
-    segmenter = TorchSegmenter(device, params.get("precision", "fp16"))
+    segmenter = TorchSegmenter(device, params.get("precision", "fp16"), params.get("memory_format", "contiguous"),
+                               params.get("compile", "no"))
     return Step(lambda t: _named_outputs(segmenter(t["IMAGE"].to(device))), TorchTensors(), "torch", device)
 
 
