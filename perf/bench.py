@@ -12,7 +12,8 @@ weights, one after another:
   - the user's command on files (``perf.command``): ``medseg segment FILE --out DIR`` as a new process on the
     300-slice phantom and on a real CT resampled to 512 x 512 x 300, the MONAI pipeline's script on the same files;
   - ``perf_analyzer`` over gRPC and system shared memory (and CUDA shared memory with ``--flavor cuda``)
-    at concurrency 1..2 (``--full``: 1..4, and a 600-slice study at 1..2; then 1 vs 2 instances per model).
+    at concurrency 1..2 (``--full``: 1..4, and a 600-slice study at 1..2; then 1 vs 2 instances per model;
+    ``--instances N``: 1..N instances, at concurrency 1..``--max-concurrency``).
 Speed never costs correctness: the served labels must equal the reference's (Dice >= 0.99 per label),
 or the run fails. Results: ``<out>/<machine-label>/`` bench.json, bench.csv, bench.md and PNG plots;
 the README's headline table is bench.md's.
@@ -179,10 +180,13 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--flavor", choices=("cpu", "cuda"), default="cpu")
     ap.add_argument("--out", type=Path, default=REPO_ROOT / "perf" / "results")
     ap.add_argument("--readme", action="store_true", help="copy the report's headline table into README.md")
+    ap.add_argument("--instances", type=int, default=None,
+                    help="compare 1..N instances of every model with perf_analyzer on the 300-slice study (--full: 2)")
     ap.add_argument("--max-concurrency", type=int, default=None,
                     help="perf_analyzer's top concurrency (default 2; --full 4; a GPU saturates higher)")
     args = ap.parse_args(argv)
     args.max_concurrency = args.max_concurrency or (4 if args.full else 2)
+    args.instances = args.instances or (2 if args.full else 1)
     sizes = FULL_SIZES if args.full else SHORT_SIZES
     pa.binary()  # fail before the long work if perf_analyzer is missing
 
@@ -214,14 +218,15 @@ def main(argv: list[str] | None = None) -> int:
                                    "cuda" if args.flavor == "cuda" else "cpu")
         for c in commands:
             print(report.command_line(c), flush=True)
-    if args.full:  # instance count: a second instance of every model, the 300-slice study, concurrency 1..4
+    if args.instances > 1:  # instance count: 1..N instances of every model, the 300-slice study
         ph = studies[HEADLINE_SLICES]
         with tempfile.TemporaryDirectory(prefix="medseg-bench-") as tmp:
             inputs = Path(tmp) / "inputs"
             shapes = pa.write_inputs(inputs, ph.ct, ph.spacing)
-            for instances in (1, 2):
+            for instances in range(1, args.instances + 1):
                 with served(args.flavor, instances) as server:
-                    ms = pa.run(server.grpc_url, inputs, shapes, Path(tmp) / f"inst{instances}.csv", concurrency=(1, 4))
+                    ms = pa.run(server.grpc_url, inputs, shapes, Path(tmp) / f"inst{instances}.csv",
+                                concurrency=(1, args.max_concurrency))
                 scaling.append({"instances": instances, "slices": HEADLINE_SLICES, "rows": [m.__dict__ for m in ms]})
 
     label = machine_label()

@@ -53,3 +53,18 @@ def test_serve_cuda_without_a_gpu_says_why_in_one_line() -> None:
     r = run("serve", "--flavor", "cuda", "--grpc-port", "0")
     assert r.returncode == 2 and "Traceback" not in r.stderr
     assert "CUDA device" in r.stderr and r.stderr.strip().count("\n") == 0
+
+
+@pytest.mark.parametrize(("given", "kind"), [(True, "system"), ("system", "system"), ("cuda", "cuda:0"),
+                                             ("cuda:1", "cuda:1"), (False, None), (None, None)])
+def test_shared_memory_kinds_are_named(given: bool | str | None, kind: str | None) -> None:
+    from medseg_client.protocol import shared_memory_kind
+
+    assert shared_memory_kind(given) == kind
+
+
+def test_an_unknown_shared_memory_kind_is_refused_before_anything_is_read(tmp_path: Path) -> None:
+    out = tmp_path / "out"
+    r = run("segment", "--url", "127.0.0.1:1", str(tmp_path / "nope"), "--out", str(out), "--shared-memory", "gpu")
+    assert r.returncode == 2 and "shared memory must be system, cuda or cuda:<device>, got 'gpu'" in r.stderr
+    assert "Traceback" not in r.stderr and not out.exists()

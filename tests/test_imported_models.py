@@ -119,7 +119,8 @@ def _env() -> dict[str, str]:
     return {k: v for k, v in os.environ.items() if k != "MEDSEG_ADMIN_KEY"}
 
 
-@pytest.mark.parametrize("seed", UNSEEN_SEEDS)
+# one phantom in the default suite (the real CT and the real DICOM series below are there too), the others in the slow
+@pytest.mark.parametrize("seed", [UNSEEN_SEEDS[0], *(pytest.param(s, marks=pytest.mark.slow) for s in UNSEEN_SEEDS[1:])])
 def test_phantoms_match_nnunets_predictor(served: ServeProcess, seed: int, tmp_path: Path) -> None:
     """Unseen phantoms (NIfTI, 48 slices at their own spacing) through the fast import vs nnUNetPredictor
     without mirroring: the same labels."""

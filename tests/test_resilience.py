@@ -77,14 +77,15 @@ def test_a_cancelled_study_stops_at_once_leaves_nothing_and_the_next_is_served(s
 
 @pytest.mark.server
 @pytest.mark.timeout(900)
-def test_a_batch_survives_20_server_kills_every_study_ending_once_right_or_with_a_clear_error() -> None:
-    """`medseg serve` on fixed ports; a killer SIGKILLs its tritonserver (with the model processes) 20 times,
-    each a moment into a study, while one client segments studies in a loop."""
+@pytest.mark.parametrize(("kills_wanted", "min_studies"), [(6, 12), pytest.param(20, 30, marks=pytest.mark.slow)])
+def test_a_batch_survives_server_kills_every_study_ending_once_right_or_with_a_clear_error(kills_wanted: int,
+                                                                                          min_studies: int) -> None:
+    """`medseg serve` on fixed ports; a killer SIGKILLs its tritonserver (with the model processes) 6 times (20 in
+    the slow suite), each a moment into a study, while one client segments studies in a loop."""
     from medseg.synth.phantom import generate
     from medseg_client.client import SegmentationClient
     from medseg_client.errors import MedsegError
 
-    kills_wanted, min_studies = 20, 30
     serve = ServeProcess()
     url = serve.url
     studies = [generate(seed, num_slices=n, slice_thickness=5.0) for seed, n in ((5002, 20), (5003, 26), (5004, 32))]

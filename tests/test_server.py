@@ -21,10 +21,10 @@ from medseg.accuracy.metrics import ACCEPTANCE, AGREEMENT_DICE, dice
 from medseg.model.network import weights_info
 from medseg.synth.phantom import generate
 from medseg_client.client import SegmentationClient
-from medseg_client.errors import StudyError
+from medseg_client.errors import ServerError, StudyError
 from medseg_client.io.studies import write_phantom
 from medseg_client.spec import SPEC
-from tests.helpers import TEST_FLAVOR, UNSEEN_SEEDS, dciodvfy_errors, needs_dciodvfy
+from tests.helpers import CUDA_REASON, TEST_FLAVOR, UNSEEN_SEEDS, cuda_available, dciodvfy_errors, needs_dciodvfy
 
 pytestmark = pytest.mark.server
 TUMOR = SPEC.label("liver_tumor").value
@@ -142,6 +142,43 @@ def test_shared_memory_transport_gives_the_same_result_and_leaves_nothing_behind
     regions = grpcclient.InferenceServerClient(server.grpc_url).get_system_shared_memory_status(as_json=True).get("regions", {})
     assert not [name for name in regions if name.startswith("medseg-")], "the client's regions must be unregistered"
     assert not [p for p in Path("/dev/shm").glob("medseg-*")]
+
+
+def _cuda_python() -> bool:
+    import importlib.util
+
+    try:
+        return importlib.util.find_spec("cuda.bindings") is not None
+    except ModuleNotFoundError:  # no ``cuda`` namespace at all
+        return False
+
+
+@pytest.mark.gpu
+def test_cuda_shared_memory_gives_the_same_result_and_leaves_nothing_behind(client: SegmentationClient,
+                                                                           server: Any) -> None:
+    import tritonclient.grpc as grpcclient
+
+    if not cuda_available():
+        pytest.skip(CUDA_REASON)
+    if not _cuda_python():
+        pytest.skip("the client's CUDA shared memory needs cuda-python (perf/gpu_host/stage.sh stages cuda-bindings)")
+    ph = generate(UNSEEN_SEEDS[0], num_slices=60, slice_thickness=5.0)
+    with SegmentationClient(server.grpc_url, shared_memory="cuda") as cuda_client:
+        got = cuda_client.segment(ph.ct, ph.spacing)
+    want = client.segment(ph.ct, ph.spacing)
+    assert np.array_equal(got.labels, want.labels) and got.findings == want.findings
+    regions = grpcclient.InferenceServerClient(server.grpc_url).get_cuda_shared_memory_status(as_json=True).get("regions", {})
+    assert not [name for name in regions if name.startswith("medseg-")], "the client's regions must be unregistered"
+
+
+def test_cuda_shared_memory_without_cuda_python_is_refused_in_one_line(server: Any) -> None:
+    if _cuda_python():
+        pytest.skip("cuda-python is installed here: the GPU test above uses it")
+    ph = generate(UNSEEN_SEEDS[0], num_slices=20, slice_thickness=5.0)
+    with SegmentationClient(server.grpc_url, shared_memory="cuda") as cuda_client, \
+            pytest.raises(ServerError, match=r"CUDA shared memory needs the cuda-python package") as caught:
+        cuda_client.segment(ph.ct, ph.spacing)
+    assert "\n" not in str(caught.value)
 
 
 def test_the_same_study_twice_gives_byte_identical_labels_and_names_its_model(client: SegmentationClient) -> None:

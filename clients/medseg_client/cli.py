@@ -38,7 +38,7 @@ from pathlib import Path
 from typing import Any, NoReturn
 
 from medseg_client.errors import MedsegError, one_line
-from medseg_client.protocol import DEFAULT_URL
+from medseg_client.protocol import DEFAULT_URL, shared_memory_kind
 from medseg_client.spec import SPEC
 
 COMMANDS_GROUP = "medseg.commands"  # entry points: ``add_commands(subparsers)`` of other distributions
@@ -114,6 +114,14 @@ def int_in(lo: int, hi: int) -> Any:
     return parse
 
 
+def shared_memory_arg(text: str) -> str | None:
+    """An argparse type: a shared-memory kind (``medseg_client.protocol.shared_memory_kind``)."""
+    try:
+        return shared_memory_kind(text)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+
+
 def seconds(text: str) -> float:
     """A positive, finite number of seconds (argparse type)."""
     try:
@@ -155,8 +163,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("input", type=Path)
     p.add_argument("--out", type=Path, required=True)
     p.add_argument("--series", default=None, help="SeriesInstanceUID to read from a folder holding several")
-    p.add_argument("--shared-memory", action="store_true",
-                   help="on the server's host: pass the volume and labels through system shared memory, not gRPC")
+    p.add_argument("--shared-memory", nargs="?", const="system", default=None, metavar="system|cuda[:N]",
+                   type=shared_memory_arg,
+                   help="on the server's host: pass the volume and labels through shared memory, not gRPC: system "
+                        "(the default when given alone) or CUDA on GPU N (needs cuda-python)")
     p.set_defaults(func=cmd_segment)
 
     p = sub.add_parser("models", help="list the models a server serves: names, versions, labels")

@@ -6,7 +6,7 @@
 
 The study is checked against the spec before it is sent, the model's metadata against the spec
 before the first request; transport errors come back as medseg's own exceptions. A client on the
-server's host may ask for system shared memory (``shared_memory=True``): the volume and the labels
+server's host may ask for shared memory (``shared_memory=True`` or "system"; "cuda[:N]" on a GPU): the volume and the labels
 then cross through a region registered for that one request instead of gRPC messages.
 """
 
@@ -30,7 +30,7 @@ import numpy as np
 
 from medseg_client.card import CARD_PARAMETER, ModelCard, spec_card
 from medseg_client.errors import MedsegError, ServerError, StudyError
-from medseg_client.protocol import ADMIN_GRPC_HEADER, SERVER_TIMINGS_KEY, TENANT_KEY_HEADER
+from medseg_client.protocol import ADMIN_GRPC_HEADER, SERVER_TIMINGS_KEY, TENANT_KEY_HEADER, shared_memory_kind
 from medseg_client.spec import SPEC, ModelIO
 from medseg_client.validate import check_study
 
@@ -145,18 +145,32 @@ def _raise_from(e: Exception, what: str) -> None:
     raise e
 
 
+def _shm_module(kind: str, device: int) -> Any:
+    """tritonclient's shared-memory utilities of ``kind``; CUDA's need the cuda-python package and a GPU here."""
+    if kind != "cuda":
+        from tritonclient.utils import shared_memory
+
+        return shared_memory
+    try:
+        from tritonclient.utils import cuda_shared_memory
+    except (ImportError, RuntimeError, OSError) as e:
+        raise ServerError(f"CUDA shared memory needs the cuda-python package (pip install 'tritonclient[cuda]') and "
+                          f"an NVIDIA GPU on this host ({str(e).splitlines()[0] if str(e) else type(e).__name__})") from None
+    return cuda_shared_memory
+
+
 class SegmentationClient:
     """gRPC client of the ensemble; a context manager that closes its channel."""
 
     def __init__(self, url: str, model_name: str = SPEC.ensemble.name, timeout_s: float = 300.0,
-                 shared_memory: bool = False, tenant_key: str | None = None, tls_ca: Path | None = None,
+                 shared_memory: bool | str = False, tenant_key: str | None = None, tls_ca: Path | None = None,
                  admin_key: str | None = None, retries: int = 3, backoff_s: float = 0.5) -> None:
         import tritonclient.grpc as grpcclient
 
         self.url = url
         self.model_name = model_name
         self.timeout_s = timeout_s
-        self.shared_memory = shared_memory
+        self.shared_memory = shared_memory_kind(shared_memory)
         self.retries, self.backoff_s = retries, backoff_s  # for ServerUnavailableError only
         self._control_s = min(CONTROL_TIMEOUT_S, timeout_s)
         # behind a medseg gateway every call carries the tenant's key; the admin key opens shared-memory
@@ -373,65 +387,89 @@ class SegmentationClient:
 
     def _infer_shm(self, stack: ExitStack, volume: np.ndarray, spacing: np.ndarray, key: str,
                    cancel: threading.Event) -> tuple[Any, Callable[[Any], np.ndarray]]:
-        """The request with the study and the labels in system shared memory registered for this one request
-        (released by ``stack``); its response and the function that reads the labels back."""
-        from tritonclient.utils import shared_memory as shm
-
+        """The request with the study and the labels in shared memory (system, or CUDA on a GPU of this host)
+        registered for this one request (released by ``stack``); its response and the function that reads the
+        labels back."""
         g = self._grpc
         ct_in, sp_in = SPEC.ensemble.inputs
         inputs = [g.InferInput(ct_in.name, list(volume.shape), ct_in.dtype), g.InferInput(sp_in.name, [1, 3], sp_in.dtype)]
         inputs[1].set_data_from_numpy(spacing)
         outputs = [g.InferRequestedOutput(t.name) for t in SPEC.ensemble.outputs]
-        regions = stack.enter_context(self._system_shm(volume.nbytes, volume.size))
+        shm, regions = stack.enter_context(self._shm_regions(volume.nbytes, volume.size))
         shm.set_shared_memory_region(regions["in"][0], [volume])
         inputs[0].set_shared_memory(regions["in"][1], volume.nbytes)
         outputs[0].set_shared_memory(regions["out"][1], volume.size)
         response = self._infer(inputs, outputs, key, cancel)
-        return response, lambda _: shm.get_contents_as_numpy(regions["out"][0], np.uint8, list(volume.shape))[0].copy()
+        return response, lambda _: np.array(shm.get_contents_as_numpy(regions["out"][0], np.uint8, list(volume.shape))[0])
 
     @contextmanager
-    def _system_shm(self, in_bytes: int, out_bytes: int) -> Iterator[dict[str, tuple[Any, str]]]:
-        """Input and output system shared-memory regions registered with the server for one request."""
-        from tritonclient.utils import shared_memory as shm
+    def _shm_regions(self, in_bytes: int, out_bytes: int) -> Iterator[tuple[Any, dict[str, tuple[Any, str]]]]:
+        """Input and output shared-memory regions of this client's kind registered with the server for one
+        request: (tritonclient's module for that kind, role -> (handle, name))."""
+        kind, _, device_text = str(self.shared_memory).partition(":")
+        device = int(device_text or 0)
+        shm = _shm_module(kind, device)
+        c, opts = self._client, {"headers": self._headers, "client_timeout": self._control_s}
+        if kind == "cuda":
+            def create(name: str, size: int) -> Any:
+                return shm.create_shared_memory_region(name, size, device)
+
+            def register(name: str, handle: Any, size: int) -> None:
+                c.register_cuda_shared_memory(name, shm.get_raw_handle(handle), device, size, **opts)
+        else:
+            def create(name: str, size: int) -> Any:
+                return shm.create_shared_memory_region(name, f"/{name}", size)
+
+            def register(name: str, handle: Any, size: int) -> None:
+                c.register_system_shared_memory(name, f"/{name}", size, **opts)
 
         tag = f"medseg-{os.getpid()}-{uuid.uuid4().hex[:12]}"
         made: dict[str, tuple[Any, str]] = {}
         try:
             for role, size in (("in", in_bytes), ("out", out_bytes)):
                 name = f"{tag}-{role}"
-                made[role] = (shm.create_shared_memory_region(name, f"/{name}", size), name)
                 try:
-                    self._client.register_system_shared_memory(name, f"/{name}", size, headers=self._headers,
-                                                               client_timeout=self._control_s)
+                    made[role] = (create(name, size), name)
+                except Exception as e:  # no device, out of device memory: tritonclient's own exception types
+                    raise ServerError(f"{kind} shared memory: cannot make a {size}-byte region"
+                                      f"{f' on cuda:{device}' if kind == 'cuda' else ''} ({e})") from None
+                try:
+                    register(name, made[role][0], size)
                 except Exception as e:
-                    _raise_from(e, f"{self.url}: registering shared memory (is the client on the server's host?)")
-            yield made
+                    _raise_from(e, f"{self.url}: registering {kind} shared memory (is the client on the server's host?)")
+            yield shm, made
         finally:
             left = []
             for handle, name in made.values():
                 try:
-                    self._client.unregister_system_shared_memory(name, headers=self._headers, client_timeout=self._control_s)
+                    self._unregister(kind, name)
                 except Exception:  # gone, or the region is still in use by a cancelled request
                     left.append(name)
                 shm.destroy_shared_memory_region(handle)  # the server's own mapping outlives the name
             if left:
-                threading.Thread(target=self._unregister_later, args=(left,), daemon=True).start()
+                threading.Thread(target=self._unregister_later, args=(kind, left), daemon=True).start()
 
-    def _unregister_later(self, names: list[str], every_s: float = 0.5) -> None:
+    def _unregister(self, kind: str, name: str) -> None:
+        unregister = self._client.unregister_cuda_shared_memory if kind == "cuda" else \
+            self._client.unregister_system_shared_memory
+        unregister(name, headers=self._headers, client_timeout=self._control_s)
+
+    def _unregister_later(self, kind: str, names: list[str], every_s: float = 0.5) -> None:
         """Unregister regions the server still uses (a cancelled request runs on): Triton refuses to
         unregister a region in use, so try again until it lets go, the server is gone, or the deadline."""
+        status = self._client.get_cuda_shared_memory_status if kind == "cuda" else \
+            self._client.get_system_shared_memory_status
         deadline = time.monotonic() + self.timeout_s
         while names and time.monotonic() < deadline:
             time.sleep(every_s)
             try:
-                registered = self._client.get_system_shared_memory_status(headers=self._headers, as_json=True,
-                                                                         client_timeout=self._control_s)
+                registered = status(headers=self._headers, as_json=True, client_timeout=self._control_s)
             except Exception:  # the server is gone: its registrations went with it
                 return
             names = [n for n in names if n in registered.get("regions", {})]
             for name in names:
                 try:
-                    self._client.unregister_system_shared_memory(name, headers=self._headers, client_timeout=self._control_s)
+                    self._unregister(kind, name)
                 except Exception:
                     pass
 

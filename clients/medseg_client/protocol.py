@@ -16,3 +16,16 @@ SERVER_TIMINGS_KEY = "server_timings_s"
 
 # the tenant's key a medseg gateway routes by (``medseg mig compose``); plain gRPC metadata
 TENANT_KEY_HEADER = "medseg-tenant-key"
+
+
+def shared_memory_kind(value: bool | str | None) -> str | None:
+    """The client's transport for the study and the labels: None (in the gRPC messages), "system" (True), or
+    "cuda:<device>" ("cuda" is device 0); anything else is refused by name (ValueError)."""
+    if value is None or value is False or value == "":
+        return None
+    if value is True or value == "system":
+        return "system"
+    kind, sep, device = str(value).partition(":")
+    if kind == "cuda" and (not sep or device.isdigit()):
+        return f"cuda:{int(device or 0)}"
+    raise ValueError(f"shared memory must be system, cuda or cuda:<device>, got {value!r}")

@@ -3,7 +3,8 @@
 # In order: probe, the gpu tests, the cuda bench (its report with the GPU targets table, perf_analyzer 1..16 over
 # gRPC, system and CUDA shared memory, the whole command, MONAI on the same GPU), the segmenter's knobs
 # (perf.segmenter_variants), the server tests on the cuda flavor. Each step has its own time limit (s):
-# GPU_T, BENCH_T, VAR_T, SRV_T; results under $OUT (copy $OUT/results/<gpu>/ into perf/results/).
+# GPU_T, BENCH_T, VAR_T, SRV_T; results under $OUT (copy $OUT/results/<gpu>/ into perf/results/). Instances per
+# GPU (1 vs 2 of every model, perf_analyzer 1..16) need a second call: BENCH_ARGS="--instances 2" BENCH_T=420.
 source perf/gpu_host/setup.sh
 OUT=${OUT:-/tmp/medseg-gpu}; mkdir -p "$OUT/results"
 { nvidia-smi -L; nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv; python3 -V; nproc
@@ -19,7 +20,7 @@ step() {  # name, time limit, command...: run it, keep its output, print its ver
 }
 step gpu-tests "${GPU_T:-60}" python3 -m pytest -p no:cacheprovider -q -rA -m gpu --basetemp=/tmp/pt1 \
   tests/test_torch_ops.py tests/test_flavors.py tests/test_build_trt.py
-step bench "${BENCH_T:-260}" python3 -m perf.bench --flavor cuda --max-concurrency 16 --out "$OUT/results"
+step bench "${BENCH_T:-260}" python3 -m perf.bench --flavor cuda --max-concurrency 16 --out "$OUT/results" ${BENCH_ARGS:-}
 step variants "${VAR_T:-60}" python3 -m perf.segmenter_variants --budget-s 30 --out "$OUT/results"
 MEDSEG_TEST_FLAVOR=cuda step server-tests "${SRV_T:-60}" python3 -m pytest -p no:cacheprovider -q -rA --basetemp=/tmp/pt2 \
   -x tests/test_server.py

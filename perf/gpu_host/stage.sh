@@ -2,7 +2,8 @@
 # Stage into .gpu/ (git-ignored through .git/info/exclude) what a bare GPU host with only PyTorch lacks,
 # from this checkout's venv and the package registry: a trimmed copy of the nvidia-pytriton server
 # (python backend, the Python 3.12 stub, its libraries), numpy 1.26 (the stub needs numpy<2), the
-# client's and the studies' pure-Python wheels, the exported ONNX and perf_analyzer. About 53 MB.
+# client's and the studies' wheels (cuda-bindings for the client's CUDA shared memory), the exported ONNX and
+# perf_analyzer. About 60 MB.
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 S=$(.venv/bin/python -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')
@@ -22,7 +23,7 @@ W="--no-deps --only-binary=:all: --python-version $PY --implementation cp --plat
 mkdir -p "$T/npx" && (cd "$T/npx" && unzip -q "$T"/np/numpy-*.whl && find numpy -type d -name tests -prune -exec rm -rf {} + && touch numpy/.medseg-126)
 tar -C "$T/npx" -cJf .gpu/numpy126.tar.xz .
 .venv/bin/python -m pip download -q $W -d .gpu/whl tritonclient==2.73.0 python-rapidjson pydicom==3.0.2 \
-  highdicom==0.28.2 nibabel==5.4.2 monai==1.6.1 isal
+  highdicom==0.28.2 nibabel==5.4.2 monai==1.6.1 isal "cuda-bindings>=12.6,<13" "cuda-pathfinder~=1.1"
 xz -9 -c model_repository/ct_segmenter/1/model.onnx > .gpu/model.onnx.xz
 cp model_repository/ct_segmenter/1/provenance.json .gpu/
 xz -9 -c .perf_tools/bin/perf_analyzer > .gpu/perf_analyzer.xz
