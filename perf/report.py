@@ -163,8 +163,9 @@ def _targets(doc: dict[str, Any]) -> list[str]:
              f"out over gRPC, checks) {client_ms:.0f} ms; inside the ensemble "
              + ", ".join(f"{k} {v:.0f} ms" for k, v in parts.items())
              + f", {biggest} the largest (see the breakdown below). The same steps in-process take "
-             f"{med(r['reference_s']):.2f} s: serving costs the copies of the volume, logits and labels through the "
-             "python backend's shared memory (the compute input/output columns) and gRPC's serialization; "
+             f"{med(r['reference_s']):.2f} s: serving costs the copies of the volume, the segmenter's labels and "
+             "probabilities and the study's labels through the python backend's shared memory (the compute "
+             "input/output columns) and gRPC's serialization; "
              "perf_analyzer's C++ client with system shared memory shows the share of the latter.", ""]
     return lines
 
