@@ -153,7 +153,9 @@ class TensorRTTiles:
         return self.run_all(batch)[0]
 
     def __call__(self, image: np.ndarray) -> tuple[np.ndarray, ...]:
-        return run_tiled(self.run_all, image, tile_voxels=10**12)  # one engine call: its profile bounds the grid
+        """Every output of a padded (1, Z, Y, X) image without its batch axis: one engine call (the engine's
+        optimisation profile bounds the grid, no tiling)."""
+        return tuple(o[0] for o in self.run_all(image[None]))
 
 
 COMPILE_MODES = ("no", "default", "reduce-overhead", "max-autotune")  # torch.compile's; reduce-overhead: CUDA graphs

@@ -51,8 +51,9 @@ def check_segmenter_outputs(labels: Any, probabilities: Any, grid: Sequence[int]
                          f"{tuple(labels.shape)}")
 
 
-def model_grid_labels(labels: np.ndarray, probabilities: np.ndarray, grid: Sequence[int]) -> np.ndarray:
-    """The segmenter's labels on the unpadded model grid (a view), after checking both outputs' shapes."""
+def model_grid_labels(labels: Any, probabilities: Any, grid: Sequence[int]) -> Any:
+    """The segmenter's labels on the unpadded model grid (a view; numpy arrays or torch tensors), after checking both
+    outputs' shapes."""
     check_segmenter_outputs(labels, probabilities, grid)
     z, y, x = (int(g) for g in grid)
     return labels[:z, :y, :x]

@@ -102,11 +102,9 @@ def postprocess(labels: Any, probabilities: Any, grid: Sequence[int], ct: Device
     study's grid on the device. Returns (uint8 labels on the study's grid on the host, the verdict)."""
     import torch
 
-    from medseg.ops.postprocess import ModelGridHU, check_segmenter_outputs, judge
+    from medseg.ops.postprocess import ModelGridHU, judge, model_grid_labels
 
-    check_segmenter_outputs(labels, probabilities, grid)
-    z, y, x = (int(g) for g in grid)
-    verdict = judge(labels[:z, :y, :x].cpu().numpy(), ModelGridHU(ct, spacing, grid),
+    verdict = judge(model_grid_labels(labels, probabilities, grid).cpu().numpy(), ModelGridHU(ct, spacing, grid),
                     lambda box: probabilities_box(probabilities, box))
     full = to_input_grid(torch.from_numpy(verdict.labels).to(labels.device), ct.shape, spacing)
     return full.cpu().numpy(), verdict
