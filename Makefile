@@ -10,11 +10,13 @@ WEIGHTS := export/weights/ct_liver_unet.fp16.pt export/weights/manifest.json
 # Debian tools the tests use as oracles: dciodvfy validates every DICOM object we write,
 # dcmtk's dcmcjpeg makes JPEG-lossless series (no Python encoder exists), dcm2niix is the geometry oracle
 # libb64 is the one system library the perf_analyzer binary needs; nginx is the tenants' gateway (tested on loopback)
+# orthanc (1.10, /usr/sbin/Orthanc) is the real PACS the DICOM node's tests talk to (tests/orthanc.py)
 sysdeps:
 	@{ command -v dciodvfy && command -v dcmcjpeg && command -v dcm2niix && command -v nginx \
+	  && { command -v Orthanc || test -x /usr/sbin/Orthanc; } \
 	  && /sbin/ldconfig -p | grep -q libb64.so.0d; } >/dev/null || { if [ "$$(id -u)" = 0 ]; then \
-	  (apt-get update -qq && apt-get install -y -qq dicom3tools dcmtk dcm2niix libb64-0d nginx-light) >/dev/null; \
-	  else echo "missing: sudo apt-get install dicom3tools dcmtk dcm2niix libb64-0d nginx-light"; fi; }
+	  (apt-get update -qq && apt-get install -y -qq dicom3tools dcmtk dcm2niix libb64-0d nginx-light orthanc) >/dev/null; \
+	  else echo "missing: sudo apt-get install dicom3tools dcmtk dcm2niix libb64-0d nginx-light orthanc"; fi; }
 
 # perf_analyzer: the binary inside the tritonclient 2.48.0 wheel (the newest one that runs on glibc 2.36)
 PERF_ANALYZER := .perf_tools/bin/perf_analyzer

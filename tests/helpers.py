@@ -24,6 +24,7 @@ from medseg.paths import MODEL_REPOSITORY, ONNX_MODEL
 from medseg_client.spec import SPEC
 
 T = TypeVar("T")
+P = TypeVar("P", bound="MedsegProcess")
 
 POLL_S = 0.02  # between two looks at the state waited for
 # seeds never used in training (1000-1047), validation (2000-2004), the operating point (3000-3011) or the export
@@ -102,20 +103,13 @@ needs_dciodvfy = pytest.mark.skipif(shutil.which("dciodvfy") is None,
                                     reason="dciodvfy not installed (Debian dicom3tools; `make sysdeps`)")
 
 
-class ServeProcess:
-    """``medseg serve`` as a user runs it: a subprocess on free loopback ports (``args`` add to or override them),
-    its output lines collected as they come; a context manager that stops it (SIGTERM, then SIGKILL)."""
+class MedsegProcess:
+    """A ``medseg`` command as a user runs it: a subprocess whose output lines are collected as they come; a context
+    manager that stops it (SIGTERM, then SIGKILL)."""
 
     def __init__(self, *args: str, env: dict[str, str] | None = None) -> None:
-        from medseg.serving.server import free_port
-
-        self.grpc_port = free_port()
-        self.url = f"127.0.0.1:{self.grpc_port}"
-        argv = [sys.executable, "-m", "medseg_client.cli", "serve", "--grpc-port", str(self.grpc_port)]
-        if "--metrics-port" not in args:
-            argv += ["--metrics-port", str(free_port())]
-        self.proc = subprocess.Popen([*argv, *args], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                                     env={**os.environ, **(env or {})})
+        self.proc = subprocess.Popen([sys.executable, "-m", "medseg_client.cli", *args], stdout=subprocess.PIPE,
+                                     stderr=subprocess.STDOUT, text=True, env={**os.environ, **(env or {})})
         self.lines: list[str] = []
         self._reader = threading.Thread(target=self._read, daemon=True)
         self._reader.start()
@@ -133,25 +127,20 @@ class ServeProcess:
     def output(self) -> str:
         return "".join(self.lines)
 
-    def wait_ready(self, timeout_s: float = 120.0) -> None:
-        """Until the server answers ready; AssertionError with its output if it exits or never gets there."""
-        import tritonclient.grpc as grpcclient
-
-        def ready() -> bool:
-            if self.proc.poll() is not None:
-                raise AssertionError(f"medseg serve exited ({self.proc.returncode}): {self.output[-3000:]}")
-            try:
-                with grpcclient.InferenceServerClient(self.url) as client:
-                    return bool(client.is_server_ready(client_timeout=2))
-            except Exception:  # not listening yet
-                return False
-
-        wait_until(ready, "medseg serve ready", timeout_s)
-
     def wait_for_line(self, text: str, timeout_s: float = 60.0) -> str:
-        """The first output line holding ``text``, once it has come."""
-        return wait_until(lambda: next((line for line in self.lines if text in line), None), f"a line with {text!r}",
-                          timeout_s)
+        """The first output line holding ``text``, once it has come; AssertionError with the output if the process
+        exits first."""
+        def look() -> str | None:
+            line = next((line for line in self.lines if text in line), None)
+            if line is None and self.proc.poll() is not None:
+                self._reader.join(10)
+                line = next((line for line in self.lines if text in line), None)
+                if line is None:
+                    raise AssertionError(f"exited ({self.proc.returncode}) before a line with {text!r}: "
+                                         f"{self.output[-3000:]}")
+            return line
+
+        return wait_until(look, f"a line with {text!r}", timeout_s)
 
     def stop(self, sig: int = signal.SIGTERM, timeout_s: float = 60.0) -> int:
         """Send ``sig``, wait for the exit and the last output line; the exit status."""
@@ -166,11 +155,40 @@ class ServeProcess:
             self._reader.join(10)
         return self.proc.returncode
 
-    def __enter__(self) -> ServeProcess:
+    def __enter__(self: P) -> P:
         return self
 
     def __exit__(self, et: type[BaseException] | None, ev: BaseException | None, tb: TracebackType | None) -> None:
         self.stop()
+
+
+class ServeProcess(MedsegProcess):
+    """``medseg serve`` on free loopback ports (``args`` add to or override them)."""
+
+    def __init__(self, *args: str, env: dict[str, str] | None = None) -> None:
+        from medseg.serving.server import free_port
+
+        self.grpc_port = free_port()
+        self.url = f"127.0.0.1:{self.grpc_port}"
+        argv = ["serve", "--grpc-port", str(self.grpc_port)]
+        if "--metrics-port" not in args:
+            argv += ["--metrics-port", str(free_port())]
+        super().__init__(*argv, *args, env=env)
+
+    def wait_ready(self, timeout_s: float = 120.0) -> None:
+        """Until the server answers ready; AssertionError with its output if it exits or never gets there."""
+        import tritonclient.grpc as grpcclient
+
+        def ready() -> bool:
+            if self.proc.poll() is not None:
+                raise AssertionError(f"medseg serve exited ({self.proc.returncode}): {self.output[-3000:]}")
+            try:
+                with grpcclient.InferenceServerClient(self.url) as client:
+                    return bool(client.is_server_ready(client_timeout=2))
+            except Exception:  # not listening yet
+                return False
+
+        wait_until(ready, "medseg serve ready", timeout_s)
 
 
 def card_segmenter_logits(repo: Path, name: str, flavor_file: str, seed: int) -> tuple[object, str]:
@@ -235,3 +253,37 @@ def assert_model_landed(repo: Path, name: str) -> None:
     (logits,) = session.run(None, {"IMAGE": np.zeros((3, card.in_channels, *card.inference.patch), np.float32)})
     assert logits.shape == (3, card.num_classes, *card.inference.patch)
     assert (repo / f"{name}_segmenter" / "1" / card.torchscript_file).is_file()
+
+
+class NodeProcess(MedsegProcess):
+    """``medseg node --config`` as a hospital runs it (``config`` written by ``node_config``); ``wait_listening``
+    polls for its announcement."""
+
+    def __init__(self, config: Path) -> None:
+        self.config = config
+        super().__init__("node", "--config", str(config))
+
+    def wait_listening(self, timeout_s: float = 60.0) -> None:
+        self.wait_for_line(" listening on ", timeout_s)
+
+
+def node_config(folder: Path, server_url: str, port: int, destinations: dict[str, tuple[str, int]],
+                **overrides: object) -> Path:
+    """A node configuration for tests: AE title MEDSEG (STAT: MEDSEG_STAT) on loopback ``port``, storage in
+    ``folder``, abdominal CT to the served ct_liver model, every other series skipped, results to ``destinations``
+    (name -> (AE title, port) on loopback); short quiet period and retry backoff; ``overrides`` replace keys."""
+    import yaml
+
+    doc: dict[str, object] = {
+        "ae_title": "MEDSEG", "host": "127.0.0.1", "port": port, "stat_ae_titles": ["MEDSEG_STAT"],
+        "storage": str(folder / "storage"), "server": server_url, "quiet_period_s": 1.0,
+        "workers": 1, "stat_workers": 1, "job_attempts": 10, "retry": {"initial_s": 0.5, "max_s": 2.0},
+        "destinations": {name: {"ae_title": aet, "host": "127.0.0.1", "port": p} for name, (aet, p) in destinations.items()},
+        "routes": [{"name": "abdomen-ct", "match": {"Modality": "CT", "min_images": 10}, "model": SPEC.ensemble.name},
+                   {"name": "everything else", "skip": "not an abdominal CT series"}],
+    }
+    doc.update(overrides)
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / "node.yaml"
+    path.write_text(yaml.safe_dump(doc, sort_keys=False))
+    return path

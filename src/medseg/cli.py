@@ -1,4 +1,4 @@
-"""The server-side and offline ``medseg`` commands: phantom, serve, evaluate, mig, demo.
+"""The server-side and offline ``medseg`` commands: phantom, serve, import, evaluate, mig, node, jobs, demo.
 
 The client's ``medseg`` command (``medseg_client.cli``) finds them through the ``medseg.commands`` entry point;
 it handles their errors and exit statuses. Each handler is glue: the work is in the modules it imports.
@@ -102,6 +102,33 @@ def cmd_serve(args: argparse.Namespace) -> int:
     return code
 
 
+def cmd_node(args: argparse.Namespace) -> int:
+    import signal
+
+    from medseg.node.config import load_config
+    from medseg.node.service import Node
+
+    node = Node(load_config(args.config))
+    signal.signal(signal.SIGTERM, lambda *_: node.stop_event.set())
+    node.start()
+    try:
+        node.wait()
+    except KeyboardInterrupt:
+        pass
+    finally:
+        node.stop()
+    print("medseg node stopped", flush=True)
+    return 0
+
+
+def cmd_jobs(args: argparse.Namespace) -> int:
+    from medseg.node.config import load_config
+    from medseg.node.jobs import jobs_command
+
+    print(jobs_command(load_config(args.config), args.action, args.job, args.state, args.limit))
+    return 0
+
+
 LABEL_CODES_HELP = "JSON of DICOM codes (and display names, colours) per label name, for the SEG"
 IMPORT_REPOSITORY_HELP = "where the model goes (default: this checkout's repository)"
 
@@ -172,7 +199,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 
 def add_commands(sub: Any) -> None:
-    """Add phantom, serve, import, evaluate, mig and demo to the ``medseg`` command's subparsers."""
+    """Add phantom, serve, import, evaluate, mig, node, jobs and demo to the ``medseg`` command's subparsers."""
     p = sub.add_parser("phantom", help="write a synthetic abdominal CT study with its ground truth")
     p.add_argument("--seed", type=int_in(0, 2**63 - 1), required=True)
     p.add_argument("--out", type=Path, required=True)
@@ -245,6 +272,19 @@ def add_commands(sub: Any) -> None:
     p.add_argument("--ignore-label", type=int, default=None, help="label value left out of every voxel measure")
     p.add_argument("--limit", type=int, default=None, help="evaluate the first N cases only")
     p.set_defaults(func=cmd_evaluate)
+
+    p = sub.add_parser("node", help="the PACS node: receive studies by DICOM C-STORE, route them to served models, "
+                                    "send SEG, SR and preview back (config: docs/pacs-node.md)")
+    p.add_argument("--config", type=Path, required=True, help="the node's YAML configuration")
+    p.set_defaults(func=cmd_node)
+
+    p = sub.add_parser("jobs", help="the PACS node's jobs: list, show one, retry a failed one")
+    p.add_argument("action", nargs="?", choices=("list", "show", "retry"), default="list")
+    p.add_argument("job", nargs="?", type=int, default=None, help="the job's number (show, retry)")
+    p.add_argument("--config", type=Path, required=True, help="the node's YAML configuration")
+    p.add_argument("--state", default=None, help="list only jobs in this state (queued, running, segmented, sent, failed)")
+    p.add_argument("--limit", type=int_in(1, 100000), default=50, help="list the newest N jobs (default 50)")
+    p.set_defaults(func=cmd_jobs)
 
     p = sub.add_parser("demo", help="serve, segment an unseen phantom, compare with its ground truth, stop")
     p.add_argument("--out", type=Path, default=Path("demo_out"))

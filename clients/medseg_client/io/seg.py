@@ -16,6 +16,7 @@ import numpy as np
 
 from medseg_client.errors import ArtifactError
 from medseg_client.io.studies import repair_headers
+from medseg_client.io.uids import derived_uid
 from medseg_client.spec import SPEC, Code, Label
 
 MANUFACTURER = "medseg"
@@ -43,9 +44,13 @@ def source_headers(sources: Sequence[Path | Any]) -> list[Any]:
 
 def build_seg(source_files: Sequence[Path | Any], labels_native: np.ndarray, provenance: dict[str, Any],
               frame_indices: list[int] | None = None, classes: Sequence[Label] = SPEC.labels,
-              description: str = "medseg liver and liver tumor") -> Any:
+              description: str = "medseg liver and liver tumor", *, series_instance_uid: str | None = None,
+              sop_instance_uid: str | None = None) -> Any:
     """A binary Segmentation of ``labels_native`` ((i, j, k) = (column, row, slice)); slice k comes from
-    ``source_files[k]``, a file or its header (frame ``frame_indices[k]`` of it, for a multi-frame source)."""
+    ``source_files[k]``, a file or its header (frame ``frame_indices[k]`` of it, for a multi-frame source).
+
+    ``series_instance_uid`` and ``sop_instance_uid`` are random unless given; given a series UID, the segments'
+    tracking UIDs derive from it, so a retried job that passes the same UIDs resends a SEG with the same UIDs."""
     import highdicom as hd
     from pydicom.sr.codedict import codes
 
@@ -74,7 +79,7 @@ def build_seg(source_files: Sequence[Path | Any], labels_native: np.ndarray, pro
             segmented_property_type=_concept(label.type),  # type: ignore[arg-type]
             algorithm_type=hd.seg.SegmentAlgorithmTypeValues.AUTOMATIC,
             algorithm_identification=algorithm,
-            tracking_uid=hd.UID(),
+            tracking_uid=hd.UID() if series_instance_uid is None else derived_uid(series_instance_uid, "segment", str(n)),
             tracking_id=f"{label.name}",
             anatomic_regions=[_concept(label.region)] if label.region and label.region != label.type else None,
         )
@@ -98,9 +103,9 @@ def build_seg(source_files: Sequence[Path | Any], labels_native: np.ndarray, pro
         pixel_array=np.ascontiguousarray(label_map, np.uint8),
         segmentation_type=hd.seg.SegmentationTypeValues.BINARY,
         segment_descriptions=descriptions,
-        series_instance_uid=hd.UID(),
+        series_instance_uid=series_instance_uid or hd.UID(),
         series_number=int(first.get("SeriesNumber", 0) or 0) + 1000,
-        sop_instance_uid=hd.UID(),
+        sop_instance_uid=sop_instance_uid or hd.UID(),
         instance_number=1,
         manufacturer=MANUFACTURER,
         manufacturer_model_name=str(provenance.get("ensemble", SPEC.ensemble.name)),
@@ -113,6 +118,8 @@ def build_seg(source_files: Sequence[Path | Any], labels_native: np.ndarray, pro
 
 def write_seg(path: Path, source_files: Sequence[Path | Any], labels_native: np.ndarray, provenance: dict[str, Any],
               frame_indices: list[int] | None = None, classes: Sequence[Label] = SPEC.labels,
-              description: str = "medseg liver and liver tumor") -> None:
-    """Build and save the SEG."""
-    build_seg(source_files, labels_native, provenance, frame_indices, classes, description).save_as(path)
+              description: str = "medseg liver and liver tumor", *, series_instance_uid: str | None = None,
+              sop_instance_uid: str | None = None) -> None:
+    """Build and save the SEG (UIDs as in ``build_seg``)."""
+    build_seg(source_files, labels_native, provenance, frame_indices, classes, description,
+              series_instance_uid=series_instance_uid, sop_instance_uid=sop_instance_uid).save_as(path)
