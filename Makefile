@@ -5,7 +5,7 @@ STAMP := .venv/.installed-stamp
 ONNX := model_repository/ct_segmenter/1/model.onnx
 WEIGHTS := export/weights/ct_liver_unet.fp16.pt export/weights/manifest.json
 
-.PHONY: venv sysdeps perf-tools realct artifacts configs demo test test-unit test-server test-slow soak lint bench bench-full accuracy weights nnunet-fixture monai-bundle-fixture clean
+.PHONY: venv sysdeps perf-tools realct artifacts configs demo test test-unit test-server test-slow soak lint bench bench-node bench-full accuracy weights nnunet-fixture monai-bundle-fixture clean
 
 # Debian tools the tests use as oracles: dciodvfy validates every DICOM object we write,
 # dcmtk's dcmcjpeg makes JPEG-lossless series (no Python encoder exists), dcm2niix is the geometry oracle
@@ -98,6 +98,10 @@ soak: $(STAMP) $(ONNX)
 bench: $(STAMP) $(ONNX) sysdeps $(PERF_ANALYZER) realct
 	$(PY) -m perf.bench --readme
 	$(PY) -m perf.imported --readme
+
+# the PACS node from receipt to result behind Debian's Orthanc (perf/results/<machine>/node.md; ~5 min on 2 cores)
+bench-node: $(STAMP) $(ONNX) sysdeps realct
+	$(PY) -m perf.node
 
 bench-full: $(STAMP) $(ONNX) sysdeps $(PERF_ANALYZER)
 	$(PY) -m perf.bench --full --out perf/results/full

@@ -140,7 +140,9 @@ class MedsegProcess:
                                          f"{self.output[-3000:]}")
             return line
 
-        return wait_until(look, f"a line with {text!r}", timeout_s)
+        found = wait_until(look, f"a line with {text!r}", timeout_s)
+        assert found is not None
+        return found
 
     def stop(self, sig: int = signal.SIGTERM, timeout_s: float = 60.0) -> int:
         """Send ``sig``, wait for the exit and the last output line; the exit status."""

@@ -126,3 +126,23 @@ def cases() -> RealCT:
     """The reference files (the test fails, never skips, where the cache is missing)."""
     return RealCT(path(DICOM_SERIES), path(DICOM_LABELS), path(CT), path(CT_LABELS), path(MR), path(CHEST_CTA),
                   path(CHEST_CT_CROPPED))
+
+
+def dicom_series_copy(folder: Path, tag: str, source: Path | None = None) -> list[Path]:
+    """The real DICOM series (JPEG 2000) under new study, series and instance UIDs (``tag`` makes them distinct), its
+    SOP Class UID restored where its anonymizer blanked it (Orthanc cannot forward an instance without one): a
+    study a PACS holds and sends, for the node's tests and bench."""
+    import pydicom
+    from pydicom.uid import generate_uid
+
+    folder.mkdir(parents=True)
+    out = []
+    study, series = generate_uid(entropy_srcs=[tag, "study"]), generate_uid(entropy_srcs=[tag, "series"])
+    for i, src in enumerate(sorted((source or path(DICOM_SERIES)).iterdir())):
+        ds = pydicom.dcmread(src)
+        ds.StudyInstanceUID, ds.SeriesInstanceUID = study, series
+        ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID = generate_uid(entropy_srcs=[tag, str(i)])
+        ds.SOPClassUID = ds.file_meta.MediaStorageSOPClassUID
+        out.append(folder / f"{i:04d}.dcm")
+        ds.save_as(out[-1])
+    return out

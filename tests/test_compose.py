@@ -1,4 +1,4 @@
-"""docker-compose.yml: hardened serving, a pinned Triton, the engine build and monitoring profiles.
+"""docker-compose.yml: hardened serving, a pinned Triton, the engine build, monitoring and pacs profiles.
 
 No Docker engine runs here: the structure and flags are checked, and the restriction flag itself is
 given to the real tritonserver (server tier) to prove it parses and closes what it should.
@@ -13,11 +13,14 @@ from typing import Any
 import pytest
 import yaml
 
-from medseg.paths import REPO_ROOT
+from medseg.node.config import load_config
+from medseg.paths import MODEL_REPOSITORY, REPO_ROOT
 from medseg.serving.server import PRODUCTION_SHM_BYTES
 from medseg_client.protocol import ADMIN_KEY_NAME, ADMIN_PROTOCOLS, GRPC_PORT, HTTP_PORT, METRICS_PORT
 
 COMPOSE = REPO_ROOT / "docker-compose.yml"
+NODE_YAML = REPO_ROOT / "docker" / "node.yaml"
+ORTHANC_JSON = REPO_ROOT / "docker" / "orthanc.json"
 RESTRICTED = set(ADMIN_PROTOCOLS)
 
 
@@ -75,6 +78,60 @@ def test_prometheus_scrapes_tritons_metrics_port_and_the_dashboard_shows_the_fou
     for metric in ("nv_inference_queue_duration_us", "nv_inference_compute_infer_duration_us", "nv_gpu_utilization",
                    "nv_inference_request_success"):
         assert metric in exprs
+
+
+def _mounts(service: dict[str, Any]) -> dict[str, str]:
+    """Container path -> host path (or volume name) of a service's volumes."""
+    return {target: source for source, target, *_ in (v.split(":") for v in service["volumes"])}
+
+
+def test_the_pacs_profile_runs_the_node_beside_an_orthanc_with_pinned_images(compose: dict[str, Any]) -> None:
+    services = compose["services"]
+    orthanc, node = services["orthanc"], services["node"]
+    assert orthanc["profiles"] == node["profiles"] == ["pacs"]
+    assert re.fullmatch(r"jodogne/orthanc:\d+\.\d+\.\d+", orthanc["image"]), orthanc["image"]
+    # the node runs in the triton service's image (medseg and its client installed), built the same way
+    assert node["image"] == services["triton"]["image"] and node["build"] == services["triton"]["build"]
+    assert "deploy" not in node  # no GPU: the node only talks to Triton over gRPC
+    command = node["command"][-1]
+    assert command.endswith("exec medseg node --config /config/node.yaml")
+    assert _mounts(node)["/config/node.yaml"] == "./docker/node.yaml"
+    pin = re.search(r'"(pynetdicom==[^"]+)"', (REPO_ROOT / "pyproject.toml").read_text())
+    assert pin, "pyproject.toml pins pynetdicom"
+    assert pin.group(1) in command and "/opt/medseg/clients" in command  # the image has medseg and its client without deps
+    assert node["depends_on"]["triton"]["condition"] == "service_healthy"
+    assert "orthanc" in node["depends_on"]
+    for name, where in (("orthanc-db", orthanc), ("node-storage", node)):
+        assert name in compose["volumes"] and name in _mounts(where).values()
+
+
+def test_the_node_config_parses_and_points_at_the_triton_and_orthanc_services(compose: dict[str, Any]) -> None:
+    config = load_config(NODE_YAML)
+    services = compose["services"]
+    assert config.server == f"triton:{_flags(services['triton'])['--grpc-port']}"
+    assert config.host == "0.0.0.0" and f"{config.port}:{config.port}" in services["node"]["ports"]
+    assert _mounts(services["node"])[str(config.storage)] == "node-storage"  # received studies survive the container
+    assert config.metrics_host == "0.0.0.0" and str(config.metrics_port) in services["node"]["expose"]
+    orthanc = json.loads(ORTHANC_JSON.read_text())
+    assert {(d.ae_title, d.host, d.port) for d in config.destinations.values()} == {
+        (orthanc["DicomAet"], "orthanc", orthanc["DicomPort"])}
+    for route in config.routes:
+        assert route.model is None or (MODEL_REPOSITORY / route.model / "config.pbtxt").is_file(), route.model
+
+
+def test_orthanc_lists_the_node_as_medseg_and_medseg_stat_on_its_published_ports(compose: dict[str, Any]) -> None:
+    config = load_config(NODE_YAML)
+    orthanc = json.loads(ORTHANC_JSON.read_text())
+    service = compose["services"]["orthanc"]
+    assert _mounts(service)["/etc/orthanc/orthanc.json"] == "./docker/orthanc.json"
+    assert orthanc["DicomModalities"] == {"medseg": [config.ae_title, "node", config.port],
+                                          "medseg_stat": [config.stat_ae_titles[0], "node", config.port]}
+    assert orthanc["DicomAlwaysAllowStore"] and not orthanc["OverwriteInstances"]  # the node's results; one copy each
+    assert f"{orthanc['DicomPort']}:{orthanc['DicomPort']}" in service["ports"]
+    assert f"127.0.0.1:{orthanc['HttpPort']}:{orthanc['HttpPort']}" in service["ports"]  # REST on the host's loopback
+    assert orthanc["AuthenticationEnabled"] and orthanc["RegisteredUsers"] == {"medseg": "${ORTHANC_PASSWORD}"}
+    assert "ORTHANC_PASSWORD" in service["environment"]
+    assert orthanc["StorageDirectory"] in _mounts(service)
 
 
 @pytest.mark.server

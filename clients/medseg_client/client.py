@@ -221,6 +221,16 @@ class SegmentationClient:
         self._checked = True
         return dict(meta)
 
+    def model_ready(self, model: str | None = None) -> bool:
+        """Whether the server has ``model`` (default: this client's) loaded and ready; ServerError if it does not
+        answer."""
+        try:
+            return bool(self._client.is_model_ready(model or self.model_name, headers=self._headers,
+                                                    client_timeout=self._control_s))
+        except Exception as e:
+            _raise_from(e, f"{self.url}: readiness of {model or self.model_name}")
+            raise  # unreachable: _raise_from raises
+
     def _card_of(self, model: str) -> ModelCard | None:
         """The card in ``model``'s configuration, or None where it is no medseg ensemble."""
         try:

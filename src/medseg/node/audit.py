@@ -21,12 +21,16 @@ class Audit:
         self.path = path
         self._lock = threading.Lock()
         self._fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o640)
+        if _torn(path):  # a crash mid-write left a line without its end: end it, or the next record joins it
+            os.write(self._fd, b"\n")
+            os.fsync(self._fd)
 
     def __call__(self, event: str, **fields: Any) -> None:
         leaked = IDENTIFYING & set(fields)
         if leaked:
             raise ValueError(f"audit fields must not identify the patient: {sorted(leaked)}")
-        record = {"time": time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime()) + f".{int(time.time() * 1000) % 1000:03d}Z",
+        now = time.time()
+        record = {"time": time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(now)) + f".{int(now * 1000) % 1000:03d}Z",
                   "event": event, **fields}
         line = (json.dumps(record, default=str) + "\n").encode()
         with self._lock:
@@ -36,6 +40,14 @@ class Audit:
     def close(self) -> None:
         with self._lock:
             os.close(self._fd)
+
+
+def _torn(path: Path) -> bool:
+    with path.open("rb") as f:
+        if f.seek(0, os.SEEK_END) == 0:
+            return False
+        f.seek(-1, os.SEEK_END)
+        return f.read(1) != b"\n"
 
 
 def read_audit(path: Path) -> list[dict[str, Any]]:

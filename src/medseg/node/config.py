@@ -95,6 +95,14 @@ def _get(d: dict[str, Any], key: str, kind: type | tuple[type, ...], where: str,
     return value
 
 
+def _known(d: dict[str, Any], keys: set[str], where: str) -> dict[str, Any]:
+    """``d``, refused when it has a key not in ``keys`` (a misspelt limit would silently keep its default)."""
+    unknown = set(d) - keys
+    if unknown:
+        raise ConfigError(f"{where}: unknown keys {sorted(unknown)} (known: {sorted(keys)})")
+    return d
+
+
 def _ae(value: Any, where: str) -> str:
     if not isinstance(value, str) or not _AE.match(value) or value.strip() != value or "\\" in value:
         raise ConfigError(f"{where}: an AE title is 1-16 printable characters without backslash or edge spaces, "
@@ -130,6 +138,11 @@ def _route(i: int, r: Any, destinations: dict[str, Destination], where: str) -> 
             re.compile(str(match["SeriesDescription"]))
         except re.error as e:
             raise ConfigError(f"{here}: SeriesDescription is not a regular expression: {e}") from None
+    for key in ("min_images", "max_images", "min_slice_thickness_mm", "max_slice_thickness_mm"):
+        kind = int if key.endswith("images") else (int, float)
+        if key in match and (not isinstance(match[key], kind) or isinstance(match[key], bool)):
+            raise ConfigError(f"{here}: match.{key} must be a number{' of images' if kind is int else ' (mm)'}, "
+                              f"got {match[key]!r}")
     model, skip = r.get("model"), r.get("skip")
     if (model is None) == (skip is None):
         raise ConfigError(f"{here}: give exactly one of model (a served model) or skip (the reason)")
@@ -162,13 +175,15 @@ def parse_config(doc: Any, where: str = "node config", base: Path | None = None)
         here = f"{where}: destinations.{name}"
         if not isinstance(d, dict):
             raise ConfigError(f"{here}: a mapping with ae_title, host, port; got {d!r}")
-        destinations[str(name)] = Destination(str(name), _ae(d.get("ae_title"), here),
-                                              str(_get(d, "host", str, here)), _port(d.get("port"), here))
+        _known(d, {"ae_title", "host", "port"}, here)
+        destinations[str(name)] = Destination(str(name), _ae(d.get("ae_title"), f"{here}.ae_title"),
+                                              str(_get(d, "host", str, here)), _port(d.get("port"), f"{here}.port"))
     routes = tuple(_route(i, r, destinations, where) for i, r in enumerate(_get(doc, "routes", list, where)))
     if not routes:
         raise ConfigError(f"{where}: routes is empty: no series would ever be segmented")
-    limits = _get(doc, "limits", dict, where, {})
-    retry = _get(doc, "retry", dict, where, {})
+    limits = _known(_get(doc, "limits", dict, where, {}), {"max_instances_per_series", "max_series_mb", "max_disk_gb"},
+                    f"{where}: limits")
+    retry = _known(_get(doc, "retry", dict, where, {}), {"initial_s", "max_s"}, f"{where}: retry")
     storage = Path(_get(doc, "storage", str, where)).expanduser()
     if not storage.is_absolute() and base is not None:
         storage = base / storage
@@ -178,8 +193,8 @@ def parse_config(doc: Any, where: str = "node config", base: Path | None = None)
     if workers < 1 or stat_workers < 0:
         raise ConfigError(f"{where}: workers must be >= 1 and stat_workers >= 0, got {workers} and {stat_workers}")
     return NodeConfig(
-        ae_title=_ae(doc.get("ae_title"), where),
-        port=_port(doc.get("port"), where),
+        ae_title=_ae(doc.get("ae_title"), f"{where}: ae_title"),
+        port=_port(doc.get("port"), f"{where}: port"),
         host=_get(doc, "host", str, where, "0.0.0.0"),
         storage=storage,
         server=_get(doc, "server", str, where),

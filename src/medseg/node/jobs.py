@@ -43,6 +43,8 @@ def jobs_command(config: NodeConfig, action: str, job_id: int | None, state: str
         if job_id is None:
             raise MedsegError(f"medseg jobs {action} needs a job number")
         if action == "retry":
+            if store.job(job_id) is None:
+                raise MedsegError(f"no job {job_id} in {config.db_path}")
             return store.retry(job_id)
         row = store.job(job_id)
         if row is None:

@@ -28,7 +28,7 @@ _UID = re.compile(r"^[0-9]+(\.[0-9]+)*$")
 
 def safe_name(uid: str) -> str:
     """A file name for a UID: the UID itself when it is one (digits and dots), else a hash of it."""
-    return uid if _UID.match(uid) and len(uid) <= 64 else "x" + hashlib.sha256(uid.encode()).hexdigest()[:32]
+    return uid if _UID.fullmatch(uid) and len(uid) <= 64 else "x" + hashlib.sha256(uid.encode()).hexdigest()[:32]
 
 
 def write_durably(path: Path, data: bytes) -> None:
@@ -62,26 +62,34 @@ class Receiver:
 
     def start(self) -> int:
         """Listen on the configured host and port (0: a free one); the port listened on."""
-        from pynetdicom import AE, AllStoragePresentationContexts, evt
+        from pynetdicom import AE, ALL_TRANSFER_SYNTAXES, AllStoragePresentationContexts, evt
         from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
 
         ae = AE(ae_title=self.config.ae_title)
         ae.maximum_associations = 16
         ae.network_timeout = 60
         ae.dimse_timeout = 120
-        for context in AllStoragePresentationContexts:
-            ae.add_supported_context(str(context.abstract_syntax))
+        for context in AllStoragePresentationContexts:  # every transfer syntax: PACS send JPEG, JPEG-LS, JPEG 2000 as stored
+            ae.add_supported_context(str(context.abstract_syntax), ALL_TRANSFER_SYNTAXES)
         ae.add_supported_context(Verification)
         if self.config.allowed_callers:
             ae.require_calling_aet = list(self.config.allowed_callers)
         self._server = ae.start_server((self.config.host, self.config.port), block=False,
-                                       evt_handlers=[(evt.EVT_C_STORE, self.on_store)])
+                                       evt_handlers=[(evt.EVT_C_STORE, self.on_store), (evt.EVT_REJECTED, self.on_rejected)])
         return int(self._server.server_address[1])
 
     def stop(self) -> None:
         if self._server is not None:
             self._server.shutdown()
             self._server = None
+
+    def on_rejected(self, event: Any) -> None:
+        """An association refused by pynetdicom (a calling AE title not in allowed_callers): audited."""
+        calling = str(event.assoc.requestor.ae_title).strip()
+        allowed = ", ".join(self.config.allowed_callers) or "any"
+        self.audit("refused", reason=f"association rejected: calling AE title {calling!r} is not allowed ({allowed})",
+                   calling_ae_title=calling, peer=str(event.assoc.requestor.address))
+        self.store.count("refused_associations")
 
     def _refuse(self, status: int, reason: str, **fields: Any) -> int:
         self.audit("refused", reason=reason, **fields)
@@ -102,6 +110,8 @@ class Receiver:
             sop_uid, series_uid, study_uid = (str(ds.get(k, "") or "").strip() for k in
                                               ("SOPInstanceUID", "SeriesInstanceUID", "StudyInstanceUID"))
             info = header_info(ds)
+            if not info["sop_class_uid"]:  # blanked by an anonymizer: the C-STORE request names it
+                info["sop_class_uid"] = str(getattr(event.request, "AffectedSOPClassUID", "") or "")
         except Exception as e:  # pydicom raises many kinds on a damaged stream; the sender hears one status
             return self._refuse(STATUS_CANNOT_UNDERSTAND, f"instance cannot be decoded ({type(e).__name__})", **who)
         missing = [k for k, v in (("SOPInstanceUID", sop_uid), ("SeriesInstanceUID", series_uid),
@@ -118,6 +128,9 @@ class Receiver:
             self.audit("ignored_instance", reason=f"series already {series['state']} ({series['reason']})", **where)
             return STATUS_OK
         data = event.encoded_dataset()
+        if series is None and len(data) > self.config.max_series_bytes:
+            return self._refuse(STATUS_OUT_OF_RESOURCES, f"one instance larger than the series limit of "
+                                f"{self.config.max_series_bytes // 1024**2} MB", **where)
         if series is not None:
             if series["instances"] >= self.config.max_instances_per_series:
                 return self._refuse_series(series_uid, f"series larger than the limit of "
@@ -137,7 +150,7 @@ class Receiver:
         except OSError as e:
             return self._refuse(STATUS_PROCESSING_FAILURE, f"cannot store the instance ({e.strerror or e})", **where)
         new, state = self.store.add_instance(sop_uid, series_uid, study_uid, path, len(data), info, calling, called,
-                                             priority, folder)
+                                             priority, folder, int(info.get("frames", 1)))
         if series is None:
             self.audit("receiving", priority=priority, study_instance_uid=study_uid, **where)
         if new and state != "receiving":  # routed between the check above and now: its job did not see it

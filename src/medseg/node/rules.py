@@ -22,8 +22,8 @@ IMAGE_SOP_CLASSES = {
     "1.2.840.10008.5.1.4.1.1.4": "MR Image",
     "1.2.840.10008.5.1.4.1.1.4.1": "Enhanced MR Image",
     "1.2.840.10008.5.1.4.1.1.128": "PET Image",
-    "1.2.840.10008.5.1.4.1.1.7": "Secondary Capture Image",
 }
+OWN_MANUFACTURER = "medseg"  # what the node's SEG, SR and preview carry: results forwarded back are never jobs
 
 
 @dataclass(frozen=True)
@@ -36,9 +36,10 @@ class SeriesInfo:
     description: str
     image_type: tuple[str, ...]
     slice_thickness_mm: float | None
-    images: int
+    images: int  # frames received (an instance of a multi-frame CT counts its frames)
     calling_ae_title: str
     called_ae_title: str
+    manufacturer: str = ""
 
 
 @dataclass(frozen=True)
@@ -64,7 +65,12 @@ def header_info(ds: Any) -> dict[str, Any]:
     except (TypeError, ValueError):
         thickness_mm = None
     image_type = ds.get("ImageType", None)
-    return {"sop_class_uid": text("SOPClassUID"), "modality": text("Modality").upper(),
+    try:
+        frames = max(1, int(ds.get("NumberOfFrames", 1) or 1))
+    except (TypeError, ValueError):
+        frames = 1
+    return {"sop_class_uid": text("SOPClassUID"), "modality": text("Modality").upper(), "frames": frames,
+            "manufacturer": text("Manufacturer"),
             "body_part": text("BodyPartExamined").upper(), "description": text("SeriesDescription"),
             "image_type": [str(v).upper() for v in (image_type or [])] if not isinstance(image_type, str)
             else [image_type.upper()],
@@ -74,7 +80,9 @@ def header_info(ds: Any) -> dict[str, Any]:
 def never_a_job(info: SeriesInfo) -> str | None:
     """Why this series can never be segmented, whatever the rules: a localizer or not an image; else None."""
     if info.sop_class_uid not in IMAGE_SOP_CLASSES:
-        return f"not an image series (SOP class {info.sop_class_uid or 'missing'})"
+        return f"not an image series to segment (SOP class {info.sop_class_uid or 'missing'})"
+    if info.manufacturer == OWN_MANUFACTURER:
+        return "medseg's own result (Manufacturer medseg)"
     if "LOCALIZER" in info.image_type or "SCOUT" in info.image_type:
         return "a localizer (ImageType " + "\\".join(info.image_type) + ")"
     return None

@@ -63,9 +63,35 @@ class Node:
         self.metrics: MetricsServer | None = None
         self.port = 0
 
+    def check_models(self) -> None:
+        """Refuse to start when a route names a model the server does not serve; a server that does not answer yet
+        is only noted (jobs wait for it, with retries)."""
+        from medseg.node.config import ConfigError
+        from medseg_client.client import SegmentationClient, ServerUnavailableError
+
+        missing = []
+        with SegmentationClient(self.config.server, timeout_s=10.0, retries=0) as client:
+            for model in sorted({r.model for r in self.config.routes if r.model}):
+                try:
+                    ready = client.model_ready(model)
+                except ServerUnavailableError as e:
+                    _log(f"note: the server does not answer yet ({one_line(str(e))}); routes are not checked against it")
+                    return
+                except ServerError:  # NOT_FOUND: an unknown model
+                    ready = False
+                if not ready:
+                    missing.append(model)
+        if missing:
+            raise ConfigError(f"routes send series to {', '.join(missing)}, which {self.config.server} does not serve "
+                              "(`medseg models` lists what it serves)")
+
     def start(self) -> None:
-        for job_id in self.store.recover(self.config.job_attempts):
+        self.check_models()
+        queued, failed = self.store.recover(self.config.job_attempts)
+        for job_id in queued:
             self.audit("recovered", job=job_id, note="running when the node stopped; queued again")
+        for job_id in failed:
+            self.audit("failed", job=job_id, error="running when the node stopped, out of attempts", final=True)
         self.port = self.receiver.start()
         if self.config.metrics_port is not None:
             self.metrics = MetricsServer(self.store, self.config.metrics_host, self.config.metrics_port)
@@ -125,8 +151,9 @@ class Node:
         h = json.loads(series["info"])
         info = SeriesInfo(sop_class_uid=h["sop_class_uid"], modality=h["modality"], body_part=h["body_part"],
                           description=h["description"], image_type=tuple(h["image_type"]),
-                          slice_thickness_mm=h["slice_thickness_mm"], images=int(series["instances"]),
-                          calling_ae_title=series["calling_aet"], called_ae_title=series["called_aet"])
+                          slice_thickness_mm=h["slice_thickness_mm"], images=int(series["frames"] or series["instances"]),
+                          calling_ae_title=series["calling_aet"], called_ae_title=series["called_aet"],
+                          manufacturer=h.get("manufacturer", ""))
         decision = decide(self.config.routes, info, series["priority"])
         where = {"series_instance_uid": series["series_uid"], "study_instance_uid": series["study_uid"],
                  "calling_ae_title": series["calling_aet"], "called_ae_title": series["called_aet"],
@@ -159,8 +186,11 @@ class Node:
         from medseg_client.client import SegmentationClient
 
         sessions: dict[str, SegmentationClient] = {}
+        pause = 0.0  # after the server was unreachable: exponential backoff before the next claim
         try:
             while not self.stop_event.is_set():
+                if pause and self.stop_event.wait(pause):
+                    return
                 job = self.store.claim(stat_only)
                 if job is None:
                     self.wake.wait(POLL_S)
@@ -169,13 +199,16 @@ class Node:
                 if job["model"] not in sessions:
                     sessions[job["model"]] = SegmentationClient(self.config.server, model_name=job["model"],
                                                                 timeout_s=self.config.timeout_s)
-                self._run(job, sessions[job["model"]])
+                unreachable = self._run(job, sessions[job["model"]])
+                pause = min(self.config.retry_max_s, max(self.config.retry_initial_s, 2 * pause)) if unreachable else 0.0
         finally:
             for s in sessions.values():
                 s.close()
 
-    def _run(self, job: Any, session: Any) -> None:
+    def _run(self, job: Any, session: Any) -> bool:
+        """One attempt at a job; True when the server could not be reached (the job waits, its attempt given back)."""
         from medseg.node.results import make_results
+        from medseg_client.client import ServerUnavailableError
 
         job_id, series_uid = int(job["id"]), str(job["series_uid"])
         series = self.store.series_row(series_uid)
@@ -188,26 +221,32 @@ class Node:
                 raise MedsegError("its series is no longer in the store")
             outputs, timings, summary = make_results(Path(series["folder"]), self.outbox / str(job_id), session,
                                                      self.config.send_preview)
-        except ServerError as e:  # unreachable or overloaded server: transient, tried again after a pause
+        except ServerUnavailableError as e:  # the server is down or restarting: the job waits, its attempt given back
+            self.store.job_failed(job_id, one_line(str(e)), final=False, count_attempt=False)
+            self.store.count("server_unavailable")
+            self.audit("server_unavailable", error=one_line(str(e)), **where)
+            _log(f"job {job_id}: the server is unavailable; queued again: {one_line(str(e))}")
+            return True
+        except ServerError as e:  # the server answered with an error: tried again, up to job_attempts
             final = int(job["attempts"]) >= self.config.job_attempts
             self.store.job_failed(job_id, one_line(str(e)), final)
             self.store.count("job_failures")
             self.audit("failed", error=one_line(str(e)), final=final, **where)
             _log(f"job {job_id}: {'failed' if final else 'will be retried'}: {one_line(str(e))}")
-            self.stop_event.wait(self.config.retry_initial_s)
-            return
+            return False
         except (MedsegError, OSError, ValueError) as e:  # the series cannot be read or segmented: no retry helps
             self.store.job_failed(job_id, one_line(str(e)), True)
             self.store.count("job_failures")
             self.audit("failed", error=one_line(str(e)), final=True, **where)
             _log(f"job {job_id}: failed: {one_line(str(e))}")
-            return
+            return False
         destinations = self._destinations_of(str(job["route"]))
         self.store.segmented(job_id, outputs, timings, summary, destinations)
         self.audit("segmented", timings_s=timings, summary=summary,
                    objects={o["kind"]: o["sop_instance_uid"] for o in outputs}, **where)
         _log(f"job {job_id}: segmented in {sum(timings.values()):.1f} s ({summary['status']})")
         self.wake.set()
+        return False
 
     # --- sending ------------------------------------------------------------------------------------------------
     def _send_loop(self, name: str) -> None:

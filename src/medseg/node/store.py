@@ -27,7 +27,8 @@ SCHEMA = """
 CREATE TABLE IF NOT EXISTS series(
   series_uid TEXT PRIMARY KEY, study_uid TEXT NOT NULL, calling_aet TEXT, called_aet TEXT, priority TEXT NOT NULL,
   info TEXT NOT NULL, first_received REAL NOT NULL, last_received REAL NOT NULL, instances INTEGER NOT NULL DEFAULT 0,
-  bytes INTEGER NOT NULL DEFAULT 0, state TEXT NOT NULL, reason TEXT, folder TEXT NOT NULL);
+  bytes INTEGER NOT NULL DEFAULT 0, frames INTEGER NOT NULL DEFAULT 0, state TEXT NOT NULL, reason TEXT,
+  folder TEXT NOT NULL);
 CREATE TABLE IF NOT EXISTS instances(
   sop_uid TEXT PRIMARY KEY, series_uid TEXT NOT NULL, path TEXT NOT NULL, bytes INTEGER NOT NULL);
 CREATE INDEX IF NOT EXISTS instances_series ON instances(series_uid);
@@ -60,6 +61,9 @@ class Store:
         self._db.execute("PRAGMA journal_mode=WAL")
         self._db.execute("PRAGMA synchronous=FULL")  # a confirmed C-STORE or a sent result survives power loss
         self._db.executescript(SCHEMA)
+        columns = {r[1] for r in self._db.execute("PRAGMA table_info(series)")}
+        if "frames" not in columns:  # a store made before multi-frame series were counted by their frames
+            self._db.execute("ALTER TABLE series ADD COLUMN frames INTEGER NOT NULL DEFAULT 0")
 
     def close(self) -> None:
         with self._lock:
@@ -89,7 +93,7 @@ class Store:
 
     # --- receiving ---------------------------------------------------------------------------------------------
     def add_instance(self, sop_uid: str, series_uid: str, study_uid: str, path: Path, size: int, info: dict[str, Any],
-                     calling: str, called: str, priority: str, folder: Path) -> tuple[bool, str]:
+                     calling: str, called: str, priority: str, folder: Path, frames: int = 1) -> tuple[bool, str]:
         """Record an instance already on disk; (whether it is new, its series' state). A series that is still
         receiving takes the more urgent of its instances' priorities."""
         now = time.time()
@@ -106,8 +110,9 @@ class Store:
                              (sop_uid, series_uid, str(path), size)).rowcount == 1
             if new:
                 urgent = min(priority, str(row["priority"]) if row else priority, key=PRIORITIES.__getitem__)
-                db.execute("UPDATE series SET instances = instances + 1, bytes = bytes + ?, last_received = ?, "
-                           "priority = ? WHERE series_uid = ?", (size, now, urgent, series_uid))
+                db.execute("UPDATE series SET instances = instances + 1, bytes = bytes + ?, frames = frames + ?, "
+                           "last_received = ?, priority = ? WHERE series_uid = ?", (size, max(1, frames), now, urgent,
+                                                                                   series_uid))
             return new, state
 
     def series_row(self, series_uid: str) -> sqlite3.Row | None:
@@ -153,9 +158,13 @@ class Store:
             return int(db.execute("SELECT id FROM jobs WHERE series_uid = ?", (series["series_uid"],)).fetchone()[0])
 
     def claim(self, stat_only: bool) -> sqlite3.Row | None:
-        """Take the most urgent queued job (STAT first, then the oldest): running, one more attempt."""
+        """Take the most urgent queued job (STAT first, then the oldest): running, one more attempt. While a STAT
+        job runs, no routine job starts (the STAT job has the server to itself, and is back before any routine
+        job that was still waiting when it started)."""
+        stat = PRIORITIES["stat"]
         with self.tx() as db:
-            where = "state = 'queued'" + (f" AND rank = {PRIORITIES['stat']}" if stat_only else "")
+            stat_running = db.execute("SELECT 1 FROM jobs WHERE state = 'running' AND rank = ?", (stat,)).fetchone()
+            where = "state = 'queued'" + (f" AND rank = {stat}" if stat_only or stat_running else "")
             row = db.execute(f"SELECT id FROM jobs WHERE {where} ORDER BY rank, queued_at, id LIMIT 1").fetchone()
             if row is None:
                 return None
@@ -178,19 +187,24 @@ class Store:
                 db.execute("INSERT OR IGNORE INTO deliveries(job_id, destination, state, next_attempt) "
                            "VALUES(?, ?, 'pending', ?)", (job_id, d, now))
 
-    def job_failed(self, job_id: int, error: str, final: bool) -> None:
-        """A failed attempt: queued again (``final`` False: a transient failure) or failed for good."""
+    def job_failed(self, job_id: int, error: str, final: bool, count_attempt: bool = True) -> None:
+        """A failed attempt: queued again (``final`` False) or failed for good; ``count_attempt`` False gives the
+        attempt back (the server was unreachable: the job itself did not fail)."""
         with self.tx() as db:
-            db.execute("UPDATE jobs SET state = ?, error = ? WHERE id = ?", ("failed" if final else "queued", error, job_id))
+            db.execute("UPDATE jobs SET state = ?, error = ?, attempts = attempts - ? WHERE id = ?",
+                       ("failed" if final else "queued", error, 0 if count_attempt else 1, job_id))
 
-    def recover(self, max_attempts: int) -> list[int]:
-        """At start: jobs left running by a dead node go back to the queue (or fail, after ``max_attempts``)."""
+    def recover(self, max_attempts: int) -> tuple[list[int], list[int]]:
+        """At start: jobs left running by a dead node go back to the queue, or fail after ``max_attempts``; the ids
+        of each (queued again, failed)."""
         with self.tx() as db:
-            ids = [int(r["id"]) for r in db.execute("SELECT id FROM jobs WHERE state = 'running'")]
+            failed = [int(r["id"]) for r in db.execute("SELECT id FROM jobs WHERE state = 'running' AND attempts >= ?",
+                                                       (max_attempts,))]
             db.execute("UPDATE jobs SET state = 'failed', error = 'interrupted ' || attempts || ' times (node stopped "
                        "mid-job)' WHERE state = 'running' AND attempts >= ?", (max_attempts,))
+            queued = [int(r["id"]) for r in db.execute("SELECT id FROM jobs WHERE state = 'running'")]
             db.execute("UPDATE jobs SET state = 'queued' WHERE state = 'running'")
-            return ids
+            return queued, failed
 
     def retry(self, job_id: int) -> str:
         """``medseg jobs retry``: a failed job is queued again with fresh attempts; a delivery waiting on its
