@@ -28,6 +28,7 @@ import numpy as np
 from medseg.paths import REPO_ROOT
 from medseg.serving.server import EmbeddedServer, ServerOptions, free_port
 from perf.bench import machine_label
+from perf.report import write_result
 from tests.helpers import node_config, wait_until
 from tests.orthanc import Orthanc
 from tests.realct import dicom_series_copy
@@ -157,11 +158,7 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     with tempfile.TemporaryDirectory(prefix="medseg-node-bench-") as tmp:
         doc = run(args.studies, args.stat_every, Path(tmp))
-    out = args.out or REPO_ROOT / "perf" / "results" / doc["machine"]
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "node.json").write_text(json.dumps(doc, indent=2) + "\n")
-    (out / "node.md").write_text(markdown(doc))
-    print(markdown(doc))
+    write_result(args.out or REPO_ROOT / "perf" / "results" / doc["machine"], "node", doc, markdown(doc))
     return 0
 
 

@@ -29,6 +29,14 @@ SERVER_PARTS = (("preprocess_s", "preprocess"), ("segmenter_s", "segmenter"), ("
 GPU_P50_MS, GPU_VOLUMES_S, GPU_SPEEDUP, GPU_MIN_DICE = 150.0, 20.0, 10.0, 0.99  # the cuda flavor's, on one GPU
 
 
+def write_result(out: Path, name: str, doc: dict[str, Any], markdown: str) -> None:
+    """A measurement's record beside its report: ``out/<name>.json`` and ``out/<name>.md``; the report printed."""
+    out.mkdir(parents=True, exist_ok=True)
+    (out / f"{name}.json").write_text(json.dumps(doc, indent=1) + "\n")
+    (out / f"{name}.md").write_text(markdown)
+    print(markdown)
+
+
 def med(values: list[float]) -> float:
     return float(statistics.median(values))
 

@@ -10,7 +10,6 @@ Writes ``<out>/<machine-label>/segmenter_variants.{json,md}``; variants past the
 from __future__ import annotations
 
 import argparse
-import json
 import time
 from pathlib import Path
 from typing import Any
@@ -18,7 +17,7 @@ from typing import Any
 import numpy as np
 
 from medseg.paths import REPO_ROOT
-from perf.report import med
+from perf.report import med, write_result
 
 SEED = 5101
 VARIANTS = (("contiguous", "no"), ("channels_last", "no"), ("contiguous", "default"), ("contiguous", "reduce-overhead"),
@@ -123,11 +122,7 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     variants = VARIANTS if not args.variants else parse_variants(args.variants)
     doc = measure(args.device, args.slices, args.repeat, args.budget_s, variants)
-    out = args.out / machine_label()
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "segmenter_variants.json").write_text(json.dumps(doc, indent=1) + "\n")
-    (out / "segmenter_variants.md").write_text(markdown(doc))
-    print(markdown(doc))
+    write_result(args.out / machine_label(), "segmenter_variants", doc, markdown(doc))
     return 0
 
 
