@@ -111,10 +111,13 @@ def test_a_study_goes_round_trip_and_comes_back_as_seg_sr_and_preview(server: An
         assert objects["SEG"].ReferencedSeriesSequence[0].SeriesInstanceUID == series_uid
         sr_text = str(objects["SR"])
         assert objects["SEG"].SOPInstanceUID in sr_text and series_uid in sr_text  # the SR cites the SEG and the CT
-        [job] = jobs(config)
-        assert job["state"] == "sent" and job["priority"] == "routine" and job["attempts"] == 1
+        # the PACS holds the objects a moment before the node has recorded its confirmation
+        [job] = wait_until(lambda: [j for j in jobs(config) if j["state"] == "sent"], "the job recorded as sent", 30)
+        assert job["priority"] == "routine" and job["attempts"] == 1
         # the audit trail has every step, with UIDs and AE titles, and no patient identifier
-        audit = (config.parent / "storage" / "audit.jsonl").read_text()
+        trail = config.parent / "storage" / "audit.jsonl"
+        wait_until(lambda: '"event": "sent"' in trail.read_text(), "the delivery in the audit trail", 30)
+        audit = trail.read_text()
         events = [json.loads(line)["event"] for line in audit.splitlines()]
         for event in ("receiving", "routed", "started", "segmented", "sent"):
             assert event in events
@@ -127,7 +130,7 @@ def test_a_study_goes_round_trip_and_comes_back_as_seg_sr_and_preview(server: An
         assert 'medseg_node_stage_seconds_count{stage="total",priority="routine"} 1' in metrics
         assert 'medseg_node_queue_depth{priority="stat"} 0' in metrics
         # received instances and the job's objects are gone from the node's disk once sent
-        assert not list((config.parent / "storage" / "incoming").rglob("*.dcm"))
+        wait_until(lambda: not list((config.parent / "storage" / "incoming").rglob("*.dcm")), "the received instances removed", 30)
         # sent again by the PACS: no second job, no second copy
         pacs.store_to("medseg", pacs.study_by_uid(study_uid) or "")
         assert sum('"ignored_instance"' in line for line in (config.parent / "storage" / "audit.jsonl").open()) == SLICES
@@ -310,5 +313,6 @@ def test_a_server_outage_fails_no_job_they_wait_for_it(pacs: Orthanc, tmp_path: 
         with ServeProcess("--grpc-port", str(grpc_port)) as serve:
             serve.wait_for_line("ready in", timeout_s=180)
             wait_until(lambda: back_in(pacs, study_uid), "the study back once the server is up", 180)
+            wait_until(lambda: jobs(config)[0]["state"] == "sent", "the job recorded as sent", 30)
     [job] = jobs(config)
     assert job["state"] == "sent" and job["attempts"] == 1
