@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import sqlite3
 import subprocess
 import sys
 import tempfile
@@ -29,7 +28,7 @@ from medseg.paths import REPO_ROOT
 from medseg.serving.server import EmbeddedServer, ServerOptions, free_port
 from perf.bench import machine_label
 from perf.report import write_result
-from tests.helpers import node_config, wait_until
+from tests.helpers import node_config, node_jobs, wait_until
 from tests.orthanc import Orthanc
 from tests.realct import dicom_series_copy
 
@@ -54,15 +53,6 @@ def study_files(work: Path, n: int, stat_every: int) -> list[tuple[str, list[Pat
             files, kind = write_dicom_series(ph, work / f"ph{i}"), f"phantom ({ph.ct.shape[0]} slices)"
         studies.append((kind, files, str(pydicom.dcmread(files[0], stop_before_pixels=True).StudyInstanceUID)))
     return studies
-
-
-def jobs(db: Path) -> list[dict[str, Any]]:
-    con = sqlite3.connect(db, timeout=30)
-    con.row_factory = sqlite3.Row
-    try:
-        return [dict(r) for r in con.execute("SELECT * FROM jobs ORDER BY id")]
-    finally:
-        con.close()
 
 
 def pct(values: list[float], q: float) -> float:
@@ -90,24 +80,23 @@ def run(n: int, stat_every: int, work: Path) -> dict[str, Any]:
         for _, files, uid in studies:
             pacs.upload(files)
             ids[uid] = pacs.study_by_uid(uid) or ""
-        db = work / "node" / "storage" / "node.sqlite"
         with subprocess.Popen([sys.executable, "-m", "medseg_client.cli", "node", "--config", str(config)],
                               stdout=open(work / "node.log", "w"), stderr=subprocess.STDOUT) as node:
             try:
                 wait_until(lambda: "listening on" in (work / "node.log").read_text(), "the node listening", 60)
                 pacs.store_to("medseg_stat", ids[alone[2]])
-                wait_until(lambda: any(j["state"] == "sent" for j in jobs(db)), "the STAT study alone", 300)
+                wait_until(lambda: any(j["state"] == "sent" for j in node_jobs(config)), "the STAT study alone", 300)
                 priorities = {}
                 for i, (_, _, uid) in enumerate(stream):
                     stat = (i + 1) % stat_every == 0
                     priorities[uid] = "stat" if stat else "routine"
                     pacs.store_to("medseg_stat" if stat else "medseg", ids[uid])
-                wait_until(lambda: sum(j["state"] == "sent" for j in jobs(db)) == len(studies), "every study back",
+                wait_until(lambda: sum(j["state"] == "sent" for j in node_jobs(config)) == len(studies), "every study back",
                            60 * len(studies))
             finally:
                 node.terminate()
                 node.wait(60)
-    by_uid = {j["study_uid"]: j for j in jobs(db)}
+    by_uid = {j["study_uid"]: j for j in node_jobs(config)}
     rows = []
     for kind, files, uid in studies:
         j = by_uid[uid]

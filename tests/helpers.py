@@ -269,6 +269,19 @@ class NodeProcess(MedsegProcess):
         self.wait_for_line(" listening on ", timeout_s)
 
 
+def node_jobs(config: Path) -> list[dict[str, object]]:
+    """The jobs of the node configured by ``config`` (``node_config``), read from its store as ``medseg jobs`` does:
+    a second connection beside the running node (WAL)."""
+    import sqlite3
+
+    db = sqlite3.connect(config.parent / "storage" / "node.sqlite", timeout=30)
+    db.row_factory = sqlite3.Row
+    try:
+        return [dict(r) for r in db.execute("SELECT * FROM jobs ORDER BY id")]
+    finally:
+        db.close()
+
+
 def node_config(folder: Path, server_url: str, port: int, destinations: dict[str, tuple[str, int]],
                 **overrides: object) -> Path:
     """A node configuration for tests: AE title MEDSEG (STAT: MEDSEG_STAT) on loopback ``port``, storage in

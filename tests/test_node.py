@@ -7,7 +7,6 @@ from __future__ import annotations
 import io
 import json
 import signal
-import sqlite3
 import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
@@ -18,7 +17,7 @@ import yaml
 
 from medseg.synth.phantom import generate
 from medseg_client.io.studies import write_dicom_series
-from tests.helpers import NodeProcess, dciodvfy_errors, needs_dciodvfy, node_config, wait_until
+from tests.helpers import NodeProcess, dciodvfy_errors, needs_dciodvfy, node_config, node_jobs, wait_until
 from tests.orthanc import Orthanc, free_port, orthanc_missing
 from tests.realct import dicom_series_copy
 
@@ -41,16 +40,6 @@ def phantom_study(seed: int, folder: Path, **header: Any) -> tuple[list[Path], s
             ds.save_as(p)
     first = pydicom.dcmread(paths[0], stop_before_pixels=True)
     return paths, str(first.StudyInstanceUID), str(first.SeriesInstanceUID)
-
-
-def jobs(config: Path) -> list[dict[str, Any]]:
-    """The node's jobs, read from its store as ``medseg jobs`` does (a second connection: WAL)."""
-    db = sqlite3.connect(config.parent / "storage" / "node.sqlite", timeout=30)
-    db.row_factory = sqlite3.Row
-    try:
-        return [dict(r) for r in db.execute("SELECT * FROM jobs ORDER BY id")]
-    finally:
-        db.close()
 
 
 def results_in(pacs: Orthanc, study_uid: str) -> dict[str, list[dict[str, Any]]]:
@@ -112,7 +101,7 @@ def test_a_study_goes_round_trip_and_comes_back_as_seg_sr_and_preview(server: An
         sr_text = str(objects["SR"])
         assert objects["SEG"].SOPInstanceUID in sr_text and series_uid in sr_text  # the SR cites the SEG and the CT
         # the PACS holds the objects a moment before the node has recorded its confirmation
-        [job] = wait_until(lambda: [j for j in jobs(config) if j["state"] == "sent"], "the job recorded as sent", 30)
+        [job] = wait_until(lambda: [j for j in node_jobs(config) if j["state"] == "sent"], "the job recorded as sent", 30)
         assert job["priority"] == "routine" and job["attempts"] == 1
         # the audit trail has every step, with UIDs and AE titles, and no patient identifier
         trail = config.parent / "storage" / "audit.jsonl"
@@ -135,7 +124,7 @@ def test_a_study_goes_round_trip_and_comes_back_as_seg_sr_and_preview(server: An
         pacs.store_to("medseg", pacs.study_by_uid(study_uid) or "")
         assert sum('"ignored_instance"' in line for line in (config.parent / "storage" / "audit.jsonl").open()) == SLICES
         assert node.stop(signal.SIGTERM) == 0
-    assert len(jobs(config)) == 1
+    assert len(node_jobs(config)) == 1
     assert [len(v) for v in results_in(pacs, study_uid).values()] == [1, 1, 1, 1]
 
 
@@ -147,15 +136,15 @@ def test_a_stat_study_sent_behind_eight_routine_ones_is_back_first(server: Any, 
     with node:
         alone_paths, alone_uid, _ = phantom_study(5010, tmp_path / "alone")
         send(pacs, alone_paths, alone_uid, "medseg_stat")
-        wait_until(lambda: any(j["state"] == "sent" for j in jobs(config)), "the STAT study alone sent", 120)
+        wait_until(lambda: any(j["state"] == "sent" for j in node_jobs(config)), "the STAT study alone sent", 120)
         routine = [phantom_study(6000 + i, tmp_path / f"r{i}") for i in range(8)]
         stat_paths, stat_uid, _ = phantom_study(5011, tmp_path / "stat")
         for paths, uid, _ in routine:
             send(pacs, paths, uid)
         send(pacs, stat_paths, stat_uid, "medseg_stat")
-        wait_until(lambda: len(done := [j for j in jobs(config) if j["state"] == "sent"]) == 10 and done,
+        wait_until(lambda: len(done := [j for j in node_jobs(config) if j["state"] == "sent"]) == 10 and done,
                    "all ten studies back", 300)
-    by_study = {j["study_uid"]: j for j in jobs(config)}
+    by_study = {j["study_uid"]: j for j in node_jobs(config)}
     alone, stat = by_study[alone_uid], by_study[stat_uid]
     assert alone["priority"] == stat["priority"] == "stat"
     routine_jobs = [by_study[uid] for _, uid, _ in routine]
@@ -180,13 +169,13 @@ def test_killed_mid_job_five_times_every_study_has_one_seg_and_one_sr(server: An
     for paths, uid, _ in studies:
         send(pacs, paths, uid)
     def made() -> int:  # jobs whose objects are made (being sent or sent)
-        return sum(j["state"] in ("segmented", "sent") for j in jobs(config))
+        return sum(j["state"] in ("segmented", "sent") for j in node_jobs(config))
 
     kills = 0
     try:
         while kills < n_kills and made() < n_studies:
             if kills % 2 == 0:
-                wait_until(lambda: any(j["state"] == "running" for j in jobs(config)) or made() == n_studies,
+                wait_until(lambda: any(j["state"] == "running" for j in node_jobs(config)) or made() == n_studies,
                            "a job running", 120)
             else:
                 before = made()
@@ -197,12 +186,12 @@ def test_killed_mid_job_five_times_every_study_has_one_seg_and_one_sr(server: An
             kills += 1
             node = NodeProcess(config)
             node.wait_listening()
-        wait_until(lambda: all(j["state"] == "sent" for j in jobs(config)) and len(jobs(config)) == n_studies,
+        wait_until(lambda: all(j["state"] == "sent" for j in node_jobs(config)) and len(node_jobs(config)) == n_studies,
                    "every study back after the kills", 300)
     finally:
         node.stop()
     assert kills >= min(n_kills, n_studies + 2)  # every even kill interrupts a job; odd ones follow progress
-    assert sum(j["attempts"] for j in jobs(config)) > len(studies), "no job was interrupted"
+    assert sum(j["attempts"] for j in node_jobs(config)) > len(studies), "no job was interrupted"
     for _, uid, _ in studies:
         found = results_in(pacs, uid)
         assert [len(found[m]) for m in ("SEG", "SR")] == [1, 1], uid
@@ -224,12 +213,12 @@ def test_a_destination_that_is_down_gets_its_results_when_back_and_holds_no_one_
                 send(archive, paths, uid)
             for _, uid, _ in first:  # the archive is served while the PACS is down
                 wait_until(lambda u=uid: back_in(archive, u), "results in the archive while the PACS is down", 120)
-            assert all(j["state"] == "segmented" for j in jobs(config))
+            assert all(j["state"] == "segmented" for j in node_jobs(config))
             wait_until(lambda: "next try in" in node.output, "a failed delivery to the PACS, with its backoff", 30)
             pacs.start()
             for _, uid, _ in first:
                 wait_until(lambda u=uid: back_in(pacs, u), "results in the PACS once it is back", 60)
-            wait_until(lambda: all(j["state"] == "sent" for j in jobs(config)), "jobs sent", 30)
+            wait_until(lambda: all(j["state"] == "sent" for j in node_jobs(config)), "jobs sent", 30)
     for _, uid, _ in first:
         assert [s["InstanceCount"] for s in results_in(pacs, uid)["SEG"]] == [1]
 
@@ -277,18 +266,18 @@ def test_what_the_node_does_not_take_is_refused_or_skipped_with_the_reason_and_i
         study_uid = str(pydicom.dcmread(paths[0], stop_before_pixels=True).StudyInstanceUID)
         send(pacs, paths, study_uid)
         wait_until(lambda: back_in(pacs, study_uid), "the real study back after the refusals", 120)
-        wait_until(lambda: any(j["state"] == "failed" for j in jobs(config)), "the broken series' job failed", 60)
+        wait_until(lambda: any(j["state"] == "failed" for j in node_jobs(config)), "the broken series' job failed", 60)
     audit = [json.loads(line) for line in (config.parent / "storage" / "audit.jsonl").read_text().splitlines()]
     skipped = {e["series_instance_uid"]: e["reason"] for e in audit if e["event"] == "skipped"}
     assert "not an abdominal CT" in skipped[str(pydicom.dcmread(mr).SeriesInstanceUID)]
     assert "localizer" in skipped[localizer_series]
-    [failed] = [j for j in jobs(config) if j["state"] == "failed"]
+    [failed] = [j for j in node_jobs(config) if j["state"] == "failed"]
     assert (failed["series_uid"] == broken_series and failed["attempts"] == 1 and "CT" in failed["error"]) or failed["error"]
     print(f"broken series: {failed['error']}")
     refused = [e for e in audit if e["event"] == "series_refused"]
     assert len(refused) == 1 and "30 instances" in refused[0]["reason"]
     assert any("not this node's" in e.get("reason", "") for e in audit if e["event"] == "refused")
-    assert not np.any([j["series_uid"] == str(pydicom.dcmread(huge[0]).SeriesInstanceUID) for j in jobs(config)])
+    assert not np.any([j["series_uid"] == str(pydicom.dcmread(huge[0]).SeriesInstanceUID) for j in node_jobs(config)])
 
 
 def test_a_server_outage_fails_no_job_they_wait_for_it(pacs: Orthanc, tmp_path: Path) -> None:
@@ -308,11 +297,11 @@ def test_a_server_outage_fails_no_job_they_wait_for_it(pacs: Orthanc, tmp_path: 
         send(pacs, paths, study_uid)
         audit = config.parent / "storage" / "audit.jsonl"
         wait_until(lambda: audit.read_text().count('"server_unavailable"') >= 2, "two attempts on a server that is down", 60)
-        [job] = jobs(config)
+        [job] = node_jobs(config)
         assert job["state"] in ("queued", "running") and job["attempts"] <= 1
         with ServeProcess("--grpc-port", str(grpc_port)) as serve:
             serve.wait_for_line("ready in", timeout_s=180)
             wait_until(lambda: back_in(pacs, study_uid), "the study back once the server is up", 180)
-            wait_until(lambda: jobs(config)[0]["state"] == "sent", "the job recorded as sent", 30)
-    [job] = jobs(config)
+            wait_until(lambda: node_jobs(config)[0]["state"] == "sent", "the job recorded as sent", 30)
+    [job] = node_jobs(config)
     assert job["state"] == "sent" and job["attempts"] == 1

@@ -439,7 +439,12 @@ def test_a_refused_series_stays_refused(store: Store) -> None:
     assert store.refuse_series("1.2.3.1", "again") is False
     row = store.series_row("1.2.3.1")
     assert row is not None and (row["state"], row["reason"]) == ("refused", "too large")
-    assert store.forget_instances("1.2.3.1") == [str(store.path.parent / "incoming" / "1.2.3" / "1.2.3.1" / "1.1.dcm")]
+    received = store.path.parent / "incoming" / "1.2.3" / "1.2.3.1" / "1.1.dcm"
+    received.parent.mkdir(parents=True, exist_ok=True)
+    received.write_bytes(b"DICM")
+    assert Path(row["folder"]) == received.parent
+    store.drop_instances("1.2.3.1")
+    assert not received.parent.exists()
     assert store.stored_bytes() == 0
     assert store.quiet_series(0) == []
 

@@ -161,11 +161,5 @@ class Receiver:
         if self.store.refuse_series(series_uid, reason):
             self.audit("series_refused", reason=reason, **where)
             self.store.count("refused_series")
-            import shutil
-
-            for path in self.store.forget_instances(series_uid):
-                Path(path).unlink(missing_ok=True)
-            row = self.store.series_row(series_uid)
-            if row is not None:
-                shutil.rmtree(row["folder"], ignore_errors=True)
+            self.store.drop_instances(series_uid)
         return self._refuse(STATUS_OUT_OF_RESOURCES, reason, **where)

@@ -14,6 +14,7 @@ request per worker so the server's queue never holds routine work in front of a 
 from __future__ import annotations
 
 import fcntl
+import json
 import os
 import shutil
 import threading
@@ -146,8 +147,6 @@ class Node:
             self.stop_event.wait(min(POLL_S, self.config.quiet_period_s / 4))
 
     def _route(self, series: Any) -> None:
-        import json
-
         h = json.loads(series["info"])
         info = SeriesInfo(sop_class_uid=h["sop_class_uid"], modality=h["modality"], body_part=h["body_part"],
                           description=h["description"], image_type=tuple(h["image_type"]),
@@ -162,7 +161,7 @@ class Node:
             self.store.skip_series(series["series_uid"], decision.skip)
             self.audit("skipped", route=decision.route, reason=decision.skip, **where)
             _log(f"series {series['series_uid']}: skipped ({decision.skip})")
-            self._drop_instances(series["series_uid"], series["folder"])
+            self.store.drop_instances(series["series_uid"])
             return
         assert decision.model is not None
         job_id = self.store.create_job(series, decision.model, decision.route, decision.priority)
@@ -170,10 +169,6 @@ class Node:
                    destinations=list(decision.destinations), **where)
         _log(f"job {job_id} ({decision.priority}): series {series['series_uid']} -> {decision.model}")
         self.wake.set()
-
-    def _drop_instances(self, series_uid: str, folder: str) -> None:
-        self.store.forget_instances(series_uid)
-        shutil.rmtree(folder, ignore_errors=True)
 
     # --- working ------------------------------------------------------------------------------------------------
     def _destinations_of(self, route_name: str) -> tuple[str, ...]:
@@ -250,8 +245,6 @@ class Node:
 
     # --- sending ------------------------------------------------------------------------------------------------
     def _send_loop(self, name: str) -> None:
-        import json
-
         destination = self.config.destinations[name]
         while not self.stop_event.is_set():
             for d in self.store.due_deliveries(name):
@@ -284,7 +277,5 @@ class Node:
 
     def _finish(self, job: Any) -> None:
         """A sent job no longer needs its received instances or its objects on disk."""
-        series = self.store.series_row(str(job["series_uid"]))
-        if series is not None:
-            self._drop_instances(str(job["series_uid"]), str(series["folder"]))
+        self.store.drop_instances(str(job["series_uid"]))
         shutil.rmtree(self.outbox / str(job["id"]), ignore_errors=True)

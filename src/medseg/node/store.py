@@ -138,12 +138,16 @@ class Store:
         with self.tx() as db:
             db.execute("UPDATE series SET state = 'skipped', reason = ? WHERE series_uid = ?", (reason, series_uid))
 
-    def forget_instances(self, series_uid: str) -> list[str]:
-        """Drop a series' instances from the index (their files are removed by the caller); their paths."""
+    def drop_instances(self, series_uid: str) -> None:
+        """Drop a series' received instances: from the index, then their folder from the disk (a crash between the
+        two leaves files no row counts, never a row without its file)."""
+        import shutil
+
         with self.tx() as db:
-            paths = [str(r["path"]) for r in db.execute("SELECT path FROM instances WHERE series_uid = ?", (series_uid,))]
             db.execute("DELETE FROM instances WHERE series_uid = ?", (series_uid,))
-            return paths
+            row = db.execute("SELECT folder FROM series WHERE series_uid = ?", (series_uid,)).fetchone()
+        if row is not None:
+            shutil.rmtree(row["folder"], ignore_errors=True)
 
     # --- jobs ---------------------------------------------------------------------------------------------------
     def create_job(self, series: sqlite3.Row, model: str, route: str, priority: str) -> int:
